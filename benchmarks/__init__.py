@@ -1,0 +1,1 @@
+"""Benchmarks of keras-factorized. Run `python -m benchmarks --help`."""

@@ -1,0 +1,71 @@
+"""Writes benchmark results into BENCHMARKS.md, one marked section per benchmark.
+
+Each benchmark owns the text between `<!-- BEGIN name -->` and `<!-- END name -->`
+in BENCHMARKS.md and rewrites only that, so benchmarks run separately never
+clobber each other's numbers. Writes go to a temporary file renamed into place.
+"""
+
+import os
+import platform
+import re
+import tempfile
+
+BENCHMARKS_MD = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md"
+)
+
+
+def atomic_write_text(path, text):
+    """Writes `text` to `path` through a temporary file in the same folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def update_section(name, markdown, path=BENCHMARKS_MD):
+    """Replaces the section `name` of BENCHMARKS.md (appends it when missing)."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
+
+
+def machine_description():
+    """One line naming the machine, backend and library versions."""
+    import keras
+    import numpy as np
+
+    parts = [
+        f"{platform.machine()}",
+        f"{os.cpu_count()} cores",
+        f"Python {platform.python_version()}",
+        f"Keras {keras.__version__} ({keras.backend.backend()} backend)",
+        f"NumPy {np.__version__}",
+    ]
+    try:
+        import tensorflow as tf
+
+        parts.append(f"TensorFlow {tf.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def markdown_table(headers, rows):
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)

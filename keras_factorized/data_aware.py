@@ -1,0 +1,292 @@
+"""Data-aware low-rank factorization and rank allocation: the maths of `factorize`.
+
+This module knows nothing of layers or models. It works on matrices `W`
+(`m x n`, the layer computes `y = x @ W + b`) and on statistics of the inputs
+`x` a layer saw on calibration data:
+
+- `ActivationStatistics` accumulates `X^T X`, the sum and the count of the
+  inputs, batch after batch, so calibration never holds all activations.
+- `whitened_svd` finds the rank-`k` factors `A @ B` that minimise the error
+  of the layer's *outputs* `||X W - X A B||_F` rather than of the weights
+  `||W - A B||_F`: whiten by a square root `L` of `X^T X` (`X^T X = L L^T`),
+  take the SVD of `L^T W`, truncate and un-whiten (`A = L^-T U_k S_k^1/2`). This
+  is the closed form behind SVD-LLM (arXiv 2403.07378) and the exact optimum of
+  the activation-aware objective of ASVD (arXiv 2312.05821).
+- `allocate_ranks` spends one global parameter budget over many matrices,
+  one rank at a time where it removes the most error per parameter.
+- `relative_output_error` measures `||X (W - W') + 1 (b - b')|| / ||X W + 1 b||`
+  exactly from the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import scipy.linalg
+
+from keras_factorized.decomposition import split_singular_values
+
+
+def _invalid(name, expected, value):
+    return ValueError(
+        f"Received an invalid value for `{name}`, expected {expected}. "
+        f"Received: {name}={value!r}"
+    )
+
+
+class ActivationStatistics:
+    """Running second moment `X^T X`, sum and count of a layer's input rows.
+
+    Args:
+        dim: the number of input features (rows of the layer's `W`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> stats = ActivationStatistics(3)
+    >>> stats.update(np.ones((2, 5, 3)))   # any leading shape: rows of 3
+    >>> stats.count, float(stats.gram[0, 0])
+    (10, 10.0)
+    """
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self.gram = np.zeros((self.dim, self.dim), dtype=np.float64)
+        self.sum = np.zeros((self.dim,), dtype=np.float64)
+        self.count = 0
+
+    def update(self, x) -> None:
+        """Adds the rows of `x` (any array whose last axis has `dim` features)."""
+        x = np.asarray(x)
+        if x.shape[-1] != self.dim:
+            raise _invalid("x", f"an array whose last axis has {self.dim} features",
+                           f"an array of shape {x.shape}")
+        rows = x.reshape(-1, self.dim)
+        if rows.dtype != np.float64:
+            rows = rows.astype(np.float32)
+        # float32 BLAS for the big product, accumulated in float64.
+        self.gram += (rows.T @ rows).astype(np.float64)
+        self.sum += rows.sum(axis=0, dtype=np.float64)
+        self.count += rows.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    def scatter(self, center: bool = False) -> np.ndarray:
+        """`X^T X`, or with `center=True` the centred `(X - mean)^T (X - mean)`."""
+        if not center:
+            return self.gram
+        mean = self.mean
+        return self.gram - self.count * np.outer(mean, mean)
+
+
+class WhitenedSVD(NamedTuple):
+    """The SVD of a weight seen through its inputs: `L^T W = U S V^T`.
+
+    `left = L^-T U` (so that `W = left @ diag(s) @ vt` exactly, up to damping)
+    and the squared output error of the rank-`k` truncation is
+    `sum(s[k:] ** 2)`.
+
+    Attributes:
+        left: `(m, r)` un-whitened left singular vectors `L^-T U`.
+        s: `(r,)` singular values of `L^T W`, decreasing.
+        vt: `(r, n)` right singular vectors.
+    """
+
+    left: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+
+    def factors(self, rank: int, split: str = "balanced"):
+        """The factors `(A, B)`, `A @ B` the best rank-`rank` approximation of `W`
+        for the output error on the calibration inputs."""
+        k = int(rank)
+        return split_singular_values(self.left[:, :k], self.s[:k], self.vt[:k], split)
+
+    def relative_error(self, rank: int) -> float:
+        """`||X (W - A B)|| / ||X W||` at `rank` (with the damped statistics)."""
+        sq = np.square(self.s.astype(np.float64))
+        total = float(sq.sum())
+        return math.sqrt(float(sq[int(rank):].sum()) / total) if total > 0 else 0.0
+
+
+def whitening_factor(scatter: np.ndarray, damping: float = 0.01) -> np.ndarray:
+    """A square root `L` of `scatter + damping * mean(diag) * I` (`L L^T`).
+
+    Cholesky when the damped matrix is positive definite; else a symmetric
+    eigenvalue square root with the negative eigenvalues clipped.
+    """
+    if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or damping < 0:
+        raise _invalid("damping", "a number >= 0", damping)
+    scatter = np.asarray(scatter, dtype=np.float64)
+    diag_mean = float(np.mean(np.diag(scatter)))
+    reg = damping * diag_mean if diag_mean > 0 else 1.0
+    damped = scatter + reg * np.eye(scatter.shape[0])
+    try:
+        return scipy.linalg.cholesky(damped, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        vals, vecs = scipy.linalg.eigh(damped, check_finite=False)
+        vals = np.clip(vals, reg, None)
+        return vecs * np.sqrt(vals)[None, :]
+
+
+def whitened_svd(
+    kernel,
+    statistics: ActivationStatistics | np.ndarray,
+    *,
+    damping: float = 0.01,
+    center: bool = False,
+) -> WhitenedSVD:
+    """Activation-aware SVD of `kernel` (`m x n`) for inputs with `statistics`.
+
+    Minimises `||X (W - A B)||_F` over rank-`k` products `A B` for every `k`
+    at once: with `X^T X = L L^T`, `||X D||_F = ||L^T D||_F`, so the best
+    rank-`k` `A B` is `L^-T` times the truncated SVD of `L^T W` (Eckart-Young
+    in the whitened space).
+
+    Args:
+        kernel: the `(m, n)` weight matrix.
+        statistics: an `ActivationStatistics` of the inputs, or directly an
+            `(m, m)` positive semi-definite matrix `X^T X`.
+        damping: added to the diagonal, as a fraction of its mean, so that
+            directions the calibration data never visited keep a little weight
+            (and the factor `L` is invertible).
+        center: whiten by the centred scatter `(X - mean)^T (X - mean)`:
+            the right objective when the bias is corrected afterwards by
+            `corrected_bias` (the mean error then goes into the bias).
+
+    Returns:
+        A `WhitenedSVD`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(500, 16)) * np.linspace(0.1, 3, 16)
+    >>> w = rng.normal(size=(16, 8))
+    >>> stats = ActivationStatistics(16); stats.update(x)
+    >>> a, b = whitened_svd(w, stats, damping=0.0).factors(2)
+    >>> u, s, vt = np.linalg.svd(w, full_matrices=False)
+    >>> plain = (u[:, :2] * s[:2]) @ vt[:2]
+    >>> bool(np.linalg.norm(x @ (w - a @ b)) < np.linalg.norm(x @ (w - plain)))
+    True
+    """
+    w = np.asarray(kernel, dtype=np.float64)
+    if w.ndim != 2:
+        raise _invalid("kernel", "a 2-D matrix", f"an array of shape {w.shape}")
+    if isinstance(statistics, ActivationStatistics):
+        if statistics.count == 0:
+            raise _invalid("statistics", "statistics of at least one input row",
+                           "empty statistics")
+        scatter = statistics.scatter(center=center)
+    else:
+        scatter = np.asarray(statistics, dtype=np.float64)
+    if scatter.shape != (w.shape[0], w.shape[0]):
+        raise _invalid("statistics", f"a ({w.shape[0]}, {w.shape[0]}) second moment",
+                       f"shape {scatter.shape}")
+    root = whitening_factor(scatter, damping)
+    u, s, vt = scipy.linalg.svd(root.T @ w, full_matrices=False, check_finite=False,
+                                lapack_driver="gesvd")
+    # left = L^-T U, by a triangular (or general) solve rather than an inverse.
+    if np.allclose(root, np.tril(root)):
+        left = scipy.linalg.solve_triangular(root.T, u, lower=False, check_finite=False)
+    else:
+        left = np.linalg.solve(root.T, u)
+    return WhitenedSVD(left, s, vt)
+
+
+def corrected_bias(statistics: ActivationStatistics, kernel, approx_kernel, bias=None):
+    """The bias that best absorbs the mean output error of `approx_kernel`:
+    `b + mean(X) (W - W')`."""
+    delta = np.asarray(kernel, np.float64) - np.asarray(approx_kernel, np.float64)
+    shift = statistics.mean @ delta
+    return shift if bias is None else np.asarray(bias, np.float64) + shift
+
+
+def relative_output_error(
+    statistics: ActivationStatistics, kernel, approx_kernel, bias=None, approx_bias=None
+) -> float:
+    """`||X W' + b' - (X W + b)||_F / ||X W + b||_F` over the calibration rows,
+    computed exactly from the statistics (no activations kept)."""
+    g, total, n = statistics.gram, statistics.sum, statistics.count
+    w = np.asarray(kernel, np.float64)
+    delta = w - np.asarray(approx_kernel, np.float64)
+    b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64).reshape(-1)
+    b2 = b if approx_bias is None else np.asarray(approx_bias, np.float64).reshape(-1)
+    db = b - b2
+
+    def sq_norm(m, v):
+        return float(np.sum(m * (g @ m)) + 2.0 * (total @ m) @ v + n * (v @ v))
+
+    denominator = sq_norm(w, b)
+    if denominator <= 0:
+        return 0.0
+    return math.sqrt(max(0.0, sq_norm(delta, db)) / denominator)
+
+
+def allocate_ranks(
+    gains: Sequence[np.ndarray],
+    costs: Sequence[int],
+    budget: float,
+    *,
+    min_rank: int = 1,
+    max_ranks: Sequence[int] | None = None,
+) -> list[int]:
+    """Spends a parameter budget over matrices, one rank at a time, greedily.
+
+    Each matrix `i` costs `costs[i]` parameters per unit of rank (`m + n`) and
+    its error falls by `gains[i][k]` when its rank grows from `k` to `k + 1`
+    (for an SVD, `gains[i] = s_i ** 2`, decreasing). Starting from `min_rank`
+    everywhere, it repeatedly adds the rank with the largest error reduction per
+    parameter that still fits the budget. With decreasing gains this greedy
+    choice is optimal up to the last, partly-fitting step (a fractional
+    knapsack over concave error curves).
+
+    Args:
+        gains: per matrix, the error reductions of ranks 1, 2, ... (decreasing).
+        costs: per matrix, parameters per unit of rank.
+        budget: total parameters allowed for all factors.
+        min_rank: the rank every matrix gets first.
+        max_ranks: per matrix, the largest rank allowed (default `len(gains[i])`).
+
+    Returns:
+        The list of ranks.
+
+    Example:
+
+    >>> allocate_ranks([np.array([9.0, 4.0, 1.0]), np.array([5.0, 0.1, 0.0])],
+    ...                costs=[10, 10], budget=50)
+    [3, 2]
+    """
+    n = len(gains)
+    if len(costs) != n:
+        raise _invalid("costs", f"a sequence of {n} costs (one per matrix)", list(costs))
+    max_ranks = [len(g) for g in gains] if max_ranks is None else list(max_ranks)
+    ranks = [min(min_rank, mr) for mr in max_ranks]
+    spent = float(sum(c * r for c, r in zip(costs, ranks)))
+    if spent > budget:
+        raise _invalid(
+            "budget",
+            f"at least {int(spent)} parameters (rank {min_rank} everywhere)",
+            budget,
+        )
+    candidates = []
+    for i, (g, c) in enumerate(zip(gains, costs)):
+        g = np.asarray(g, dtype=np.float64)
+        for k in range(ranks[i], min(max_ranks[i], len(g))):
+            candidates.append((-g[k] / c, i, k))
+    candidates.sort()
+    closed = [False] * n
+    for _, i, k in candidates:
+        if closed[i] or k != ranks[i]:
+            continue
+        if spent + costs[i] > budget:
+            closed[i] = True
+            continue
+        ranks[i] += 1
+        spent += costs[i]
+    return ranks

@@ -1,0 +1,419 @@
+"""The Large Movie Review Dataset (IMDB) as raw text, from a folder, an archive or the web.
+
+`load_data` returns the reviews as strings (what `keras.layers.TextVectorization`
+wants), with a validation split carved out of the training reviews, never out of
+the test reviews. It reads, in order of preference:
+
+- an extracted `aclImdb/` folder (or the folder that contains it);
+- the `aclImdb_v1.tar.gz` archive, streamed with `tarfile` without extracting
+  anything (about 2 s for the 50,000 reviews, faster than extracting them);
+- nothing given: Stanford's archive downloaded once with `keras.utils.get_file`
+  into the Keras cache (`~/.keras/datasets/`), then read like a local archive.
+
+`load_sequences` is `keras.datasets.imdb.load_data` (integer sequences) with a
+local `path=` for users who start from Keras's preprocessed `imdb.npz`.
+
+Reference: Maas et al. (2011), Learning Word Vectors for Sentiment Analysis.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+KERAS_IMDB_NPZ_SHA256 = (
+    "69664113be75683a8fe16e3ed0ab59fda8886cb3cd7ada244f7d9544e4676b9f"
+)
+CLASS_NAMES = ("neg", "pos")
+SPLITS = ("train", "test")
+
+# Matches `[prefix/]aclImdb/<split>/<neg|pos>/<id>_<rating>.txt` inside an archive.
+_MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(neg|pos)/([^/]+)\.txt$")
+
+
+class Split(NamedTuple):
+    """Reviews of one split: `texts` (object array of str) and `labels` (int32, 1 = pos)."""
+
+    texts: np.ndarray
+    labels: np.ndarray
+
+
+class ImdbData(NamedTuple):
+    """The three splits returned by `load_data`; unpacks as `train, val, test`."""
+
+    train: Split
+    validation: Split
+    test: Split
+
+
+def _invalid(name, value, expected):
+    return ValueError(
+        f"Received an invalid value for `{name}`, expected {expected}. "
+        f"Received: {name}={value!r}"
+    )
+
+
+def _sort_key(name):
+    # `123_8.txt` -> 123: the numeric id gives the same order from folders and archives.
+    stem = os.path.basename(name).split("_")[0]
+    return (int(stem) if stem.isdigit() else -1, name)
+
+
+def _read_folder(root):
+    """Reads `root/{train,test}/{neg,pos}/*.txt` into {split: {label: [texts]}}."""
+    if os.path.isdir(os.path.join(root, "aclImdb")) and not os.path.isdir(
+        os.path.join(root, "train")
+    ):
+        root = os.path.join(root, "aclImdb")
+    reviews = {}
+    for split in SPLITS:
+        reviews[split] = {}
+        for label, class_name in enumerate(CLASS_NAMES):
+            folder = os.path.join(root, split, class_name)
+            if not os.path.isdir(folder):
+                raise ValueError(
+                    f"The IMDB folder {root!r} has no `{split}/{class_name}` "
+                    "subfolder; expected the layout of Stanford's release, "
+                    "`aclImdb/{train,test}/{neg,pos}/<id>_<rating>.txt`. "
+                    f"Received: path={root!r}"
+                )
+            names = sorted(
+                (n for n in os.listdir(folder) if n.endswith(".txt")), key=_sort_key
+            )
+            texts = []
+            for name in names:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    texts.append(f.read())
+            reviews[split][label] = texts
+    return reviews
+
+
+def _read_archive(path):
+    """Streams the reviews out of a `.tar.gz` without extracting it."""
+    found = {split: {0: [], 1: []} for split in SPLITS}
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                match = _MEMBER.search(member.name)
+                if match is None or not member.isfile():
+                    continue
+                split, class_name, _ = match.groups()
+                data = archive.extractfile(member).read()
+                found[split][CLASS_NAMES.index(class_name)].append(
+                    (_sort_key(member.name), data.decode("utf-8"))
+                )
+    except (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(
+            f"Could not read the IMDB archive {path!r}: it is corrupt or "
+            f"incomplete ({type(e).__name__}: {e}). If it was downloaded, "
+            "delete it and run again to download a fresh copy. "
+            f"Received: path={path!r}"
+        ) from e
+    return {
+        split: {label: [t for _, t in sorted(items)] for label, items in by_label.items()}
+        for split, by_label in found.items()
+    }
+
+
+def download(cache_dir: str | None = None) -> str:
+    """Downloads Stanford's `aclImdb_v1.tar.gz` into the Keras cache (once).
+
+    `keras.utils.get_file` checks the SHA-256 and removes a partial download,
+    so the cache never holds a truncated archive under the final name.
+
+    Args:
+        cache_dir: The Keras cache folder; `None` means `~/.keras` (or
+            `$KERAS_HOME`). The archive goes into its `datasets/` subfolder.
+
+    Returns:
+        The path of the archive.
+    """
+    import keras
+
+    return keras.utils.get_file(
+        "aclImdb_v1.tar.gz",
+        origin=IMDB_URL,
+        file_hash=IMDB_SHA256,
+        cache_dir=cache_dir,
+        cache_subdir="datasets",
+    )
+
+
+def extract(archive: str, directory: str) -> str:
+    """Extracts an IMDB archive so that `directory/aclImdb/` appears complete or not at all.
+
+    The archive is extracted into a temporary folder next to `directory` and
+    renamed into place only after every member was read, so an interrupted or
+    failed extraction leaves nothing half-extracted behind.
+
+    Args:
+        archive: Path of `aclImdb_v1.tar.gz`.
+        directory: Folder that receives `aclImdb/`.
+
+    Returns:
+        The path of the extracted `aclImdb` folder.
+
+    Example:
+
+    >>> folder = extract("aclImdb_v1.tar.gz", "data")  # doctest: +SKIP
+    >>> train, val, test = load_data(folder)  # doctest: +SKIP
+    """
+    target = os.path.join(directory, "aclImdb")
+    if os.path.isdir(target):
+        return target
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=directory, prefix=".aclImdb-", suffix=".part")
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ValueError(
+                f"Could not extract the IMDB archive {archive!r}: it is corrupt "
+                f"or incomplete ({type(e).__name__}: {e}). "
+                f"Received: archive={archive!r}"
+            ) from e
+        _read_folder(tmp)  # Raises if the archive lacks a split or a class.
+        os.replace(os.path.join(tmp, "aclImdb"), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_reviews(path: str | None = None, *, cache_dir: str | None = None):
+    """Reads every review of the train and test splits, in a fixed order.
+
+    Args:
+        path: An `aclImdb/` folder (or its parent), an `aclImdb_v1.tar.gz`
+            archive, or `None` to download the archive into the Keras cache.
+        cache_dir: Keras cache folder used when `path` is `None`.
+
+    Returns:
+        A dict `{"train": Split, "test": Split}`, sorted by class then review id.
+    """
+    if path is None:
+        path = download(cache_dir)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        reviews = _read_folder(path)
+    elif os.path.isfile(path):
+        reviews = _read_archive(path)
+    else:
+        raise ValueError(
+            f"Received an invalid value for `path`, expected an `aclImdb` folder "
+            "or an `aclImdb_v1.tar.gz` archive (or None to download it), but "
+            f"nothing exists at that path. Received: path={path!r}"
+        )
+    result = {}
+    for split in SPLITS:
+        for label, class_name in enumerate(CLASS_NAMES):
+            if not reviews[split][label]:
+                raise ValueError(
+                    f"The IMDB data at {path!r} is incomplete: "
+                    f"`aclImdb/{split}/{class_name}` has no reviews. "
+                    f"Received: path={path!r}"
+                )
+        texts = reviews[split][0] + reviews[split][1]
+        labels = [0] * len(reviews[split][0]) + [1] * len(reviews[split][1])
+        result[split] = Split(
+            np.array(texts, dtype=object), np.array(labels, dtype="int32")
+        )
+    return result
+
+
+def load_data(
+    path: str | None = None,
+    *,
+    validation_split: float = 0.2,
+    seed: int = 1337,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+) -> ImdbData:
+    """Loads IMDB reviews as raw strings, with a validation split taken from train.
+
+    Reviews are shuffled with `seed`; the validation reviews are the last
+    `validation_split` fraction of the shuffled training reviews, so the test
+    split stays untouched and the same seed always gives the same split.
+
+    Args:
+        path: An extracted `aclImdb/` folder (or the folder containing it), the
+            `aclImdb_v1.tar.gz` archive, or `None` to download the archive
+            from Stanford into the Keras cache (`keras.utils.get_file`).
+        validation_split: Fraction of the training reviews held out for
+            validation, in [0, 1).
+        seed: Seed of the shuffle (and so of the split).
+        max_samples: If set, keep only this many (shuffled) training reviews,
+            and this many test reviews, for quick runs.
+        cache_dir: Keras cache folder for the download (default `~/.keras`).
+
+    Returns:
+        `ImdbData(train, validation, test)`, each a `Split(texts, labels)` of
+        NumPy arrays: `texts` holds Python strings (dtype object), `labels`
+        int32 with 1 for positive reviews.
+
+    Example:
+
+    >>> from keras_factorized.datasets import imdb
+    >>> train, val, test = imdb.load_data("tests/data/imdb_fixture/aclImdb_mini.tar.gz")
+    >>> len(train.texts) + len(val.texts) == 200, test.labels.dtype.name
+    (True, 'int32')
+    """
+    if isinstance(validation_split, bool) or not (
+        isinstance(validation_split, (int, float)) and 0 <= validation_split < 1
+    ):
+        raise _invalid("validation_split", validation_split, "a float in [0, 1)")
+    if max_samples is not None and (
+        isinstance(max_samples, bool)
+        or not isinstance(max_samples, (int, np.integer))
+        or max_samples < 2
+    ):
+        raise _invalid("max_samples", max_samples, "None or an integer >= 2")
+    reviews = read_reviews(path, cache_dir=cache_dir)
+    rng = np.random.default_rng(seed)
+    shuffled = {}
+    for split in SPLITS:
+        texts, labels = reviews[split]
+        order = rng.permutation(len(texts))
+        if max_samples is not None:
+            order = order[:max_samples]
+        shuffled[split] = Split(texts[order], labels[order])
+    train = shuffled["train"]
+    n_val = int(round(len(train.texts) * validation_split))
+    if validation_split > 0 and n_val == 0:
+        n_val = 1
+    n_train = len(train.texts) - n_val
+    if n_train < 1:
+        raise ValueError(
+            f"`validation_split={validation_split}` leaves no training reviews "
+            f"out of {len(train.texts)}."
+        )
+    return ImdbData(
+        Split(train.texts[:n_train], train.labels[:n_train]),
+        Split(train.texts[n_train:], train.labels[n_train:]),
+        shuffled["test"],
+    )
+
+
+def load_datasets(
+    path: str | None = None,
+    *,
+    batch_size: int = 32,
+    validation_split: float = 0.2,
+    seed: int = 1337,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+):
+    """Like `load_data`, but returns batched `tf.data.Dataset`s of `(text, label)`.
+
+    The training dataset is reshuffled every epoch (seeded); validation and
+    test keep their order. Requires TensorFlow.
+
+    Returns:
+        `(train_ds, val_ds, test_ds)`.
+
+    Example:
+
+    >>> from keras_factorized.datasets import imdb
+    >>> train_ds, val_ds, test_ds = imdb.load_datasets(
+    ...     "tests/data/imdb_fixture/aclImdb_mini.tar.gz", batch_size=16)
+    >>> texts, labels = next(iter(train_ds))
+    >>> tuple(texts.shape), texts.dtype.name
+    ((16,), 'string')
+    """
+    import tensorflow as tf
+
+    data = load_data(
+        path,
+        validation_split=validation_split,
+        seed=seed,
+        max_samples=max_samples,
+        cache_dir=cache_dir,
+    )
+
+    def make(split, shuffle):
+        ds = tf.data.Dataset.from_tensor_slices(
+            (split.texts.astype(str), split.labels)
+        )
+        if shuffle:
+            ds = ds.shuffle(len(split.texts), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    return make(data.train, True), make(data.validation, False), make(data.test, False)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_sequences(
+    path: str | None = None,
+    *,
+    num_words: int | None = None,
+    skip_top: int = 0,
+    maxlen: int | None = None,
+    seed: int = 113,
+    start_char: int | None = 1,
+    oov_char: int | None = 2,
+    index_from: int = 3,
+):
+    """`keras.datasets.imdb.load_data` (integer sequences) with a local `path`.
+
+    With `path=None` this calls Keras's loader, which downloads `imdb.npz` into
+    the Keras cache. With a local copy of that `imdb.npz`, the file is checked
+    against Keras's SHA-256 and processed exactly like Keras does (same
+    shuffle, `start_char`, `oov_char`, `index_from`, `num_words`), without
+    touching the network or the file.
+
+    Returns:
+        `(x_train, y_train), (x_test, y_test)` as in Keras.
+    """
+    import keras
+
+    kwargs = dict(
+        num_words=num_words,
+        skip_top=skip_top,
+        maxlen=maxlen,
+        seed=seed,
+        start_char=start_char,
+        oov_char=oov_char,
+        index_from=index_from,
+    )
+    if path is None:
+        return keras.datasets.imdb.load_data(**kwargs)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(
+            "Received an invalid value for `path`, expected Keras's `imdb.npz` "
+            f"file, but no file exists there. Received: path={path!r}"
+        )
+    if _sha256(path) != KERAS_IMDB_NPZ_SHA256:
+        raise ValueError(
+            f"The file {path!r} is not Keras's `imdb.npz` (SHA-256 mismatch: it "
+            "is corrupt, incomplete or another file). Received: "
+            f"path={path!r}"
+        )
+    # Keras's loader only accepts a file name inside its cache; point its
+    # download step at the verified local file instead of copying 17 MB.
+    from keras.src.datasets import imdb as keras_imdb
+
+    original = keras_imdb.get_file
+    keras_imdb.get_file = lambda *args, **kw: path
+    try:
+        return keras_imdb.load_data(**kwargs)
+    finally:
+        keras_imdb.get_file = original

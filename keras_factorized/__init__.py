@@ -1,3 +1,18 @@
-"""keras-factorized: Keras 3 layers with low-rank factorized weights."""
+"""keras-factorized: Keras 3 layers with low-rank factorized weights.
 
+The core API: `FactorizedEmbedding` and `LowRankDense` (layers whose weight
+matrix is kept as two factors `A @ B`), and `truncated_svd` with the rank
+helpers that initialise them.
+"""
+
+from keras_factorized.decomposition import SVDResult
+from keras_factorized.decomposition import factorized_param_count
+from keras_factorized.decomposition import low_rank_approximation
+from keras_factorized.decomposition import rank_for_energy
+from keras_factorized.decomposition import rank_for_param_ratio
+from keras_factorized.decomposition import resolve_rank
+from keras_factorized.decomposition import split_singular_values
+from keras_factorized.decomposition import truncated_svd
+from keras_factorized.layers import FactorizedEmbedding
+from keras_factorized.layers import LowRankDense
 from keras_factorized.version import __version__

@@ -1,0 +1,4 @@
+"""Keras layers that keep their weight matrices as low-rank factors."""
+
+from keras_factorized.layers.factorized_embedding import FactorizedEmbedding
+from keras_factorized.layers.low_rank_dense import LowRankDense

@@ -1,0 +1,130 @@
+"""Smoke tests of the IMDB example (`keras-factorized imdb`, examples/imdb_lstm.py)."""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_factorized import imdb_classifier
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FIXTURE = os.path.join(HERE, "data", "imdb_fixture", "aclImdb_mini.tar.gz")
+SHARED = os.path.join(ROOT, "..", "shared", "data", "aclImdb_v1.tar.gz")
+
+TINY = [
+    "--vocab-size", "300", "--sequence-length", "24", "--embedding-dim", "8",
+    "--lstm-units", "4", "--epochs", "1", "--batch-size", "32", "--verbose", "0",
+]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    imdb_classifier.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("imdb_out")
+    args = parse(
+        ["--data", FIXTURE, "--max-samples", "80", "--ranks", "4,2", "--svd-ranks", "2",
+         "--output-dir", str(out)] + TINY
+    )
+    return imdb_classifier.run(args)
+
+
+def test_every_model_is_trained_and_evaluated(results):
+    names = [row["model"] for row in results["summary"]]
+    assert names == ["baseline", "rank 4", "rank 2", "svd rank 2"]
+    by_name = {row["model"]: row for row in results["summary"]}
+    # Embedding parameter counts: 300*8 full, 300*r + r*8 factorized.
+    assert by_name["baseline"]["embedding_params"] == 300 * 8
+    assert by_name["rank 4"]["embedding_params"] == 300 * 4 + 4 * 8
+    assert by_name["svd rank 2"]["embedding_params"] == 300 * 2 + 2 * 8
+    assert by_name["rank 2"]["compression"] == pytest.approx(2400 / 616)
+    for row in results["rows"]:
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["epochs_trained"] == 1 and row["time_per_epoch_s"] > 0
+        assert row["model_size_bytes"] > 0
+    svd = [r for r in results["rows"] if r["kind"] == "svd"][0]
+    assert "test_accuracy_before_fine_tuning" in svd
+
+
+def test_outputs_are_written_and_consistent(results):
+    files = results["files"]
+    for key in ("json", "csv", "plot"):
+        assert os.path.getsize(files[key]) > 0
+    with open(files["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    saved = json.load(open(files["json"]))
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+    with open(files["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["model"] for r in table] == [r["model"] for r in results["summary"]]
+    for row, expected in zip(table, results["summary"]):
+        assert float(row["test_accuracy_mean"]) == pytest.approx(expected["test_accuracy_mean"])
+        assert int(row["embedding_params"]) == expected["embedding_params"]
+    assert "baseline" in results["table"] and "compression" in results["table"]
+    assert not [n for n in os.listdir(results["output_dir"]) if n.startswith(".tmp")]
+
+
+def test_build_classifier_shapes_and_names():
+    import keras
+    import numpy as np
+
+    model = imdb_classifier.build_classifier(
+        vocab_size=50, sequence_length=7, embedding_dim=6, lstm_units=3, rank=2,
+        bidirectional=True, dropout=0.1,
+    )
+    assert [l.name for l in model.layers] == ["token_ids", "embedding", "lstm", "dropout", "classifier"]
+    out = model(np.zeros((2, 7), dtype="int32"))
+    assert tuple(out.shape) == (2, 1)
+    assert model.get_layer("embedding").count_params() == 50 * 2 + 2 * 6
+    assert isinstance(imdb_classifier.build_classifier(10, 5, 4, 2), keras.Model)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "`epochs`"),
+        (["--ranks", "16", "--embedding-dim", "8"], "`ranks`"),
+        (["--max-samples", "1"], "`max_samples`"),
+        (["--learning-rate", "0"], "`learning_rate`"),
+    ],
+)
+def test_bad_flags_are_clear_errors(argv, message, capsys):
+    assert imdb_classifier.main(["--data", FIXTURE] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rank_list_parsing():
+    assert parse(["--ranks", "16, 4,2", "--svd-ranks", ""]).ranks == [16, 4, 2]
+    assert parse(["--svd-ranks", ""]).svd_ranks == []
+    with pytest.raises(SystemExit):
+        parse(["--ranks", "4,x"])
+
+
+def test_example_script_runs(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "imdb_lstm.py"), "--data", FIXTURE,
+         "--max-samples", "40", "--ranks", "2", "--svd-ranks", "", "--output-dir", str(out)] + TINY,
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rank 2" in proc.stdout and str(out) in proc.stdout
+    assert (out / "results.csv").exists()
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED), reason="../shared/data not present")
+def test_shared_archive_quick_run(tmp_path):
+    args = parse(["--data", SHARED, "--max-samples", "200", "--ranks", "2", "--svd-ranks", "",
+                  "--output-dir", str(tmp_path)] + TINY)
+    results = imdb_classifier.run(args)
+    assert {r["model"] for r in results["summary"]} == {"baseline", "rank 2"}

@@ -1,0 +1,648 @@
+"""Deployment: TensorFlow SavedModels for TF Serving, and TFLite models.
+
+TensorFlow-only module (the layers themselves stay backend-agnostic). Both
+exports contain only standard TensorFlow ops, so the artifacts load where
+`keras_factorized` (and Keras) is not installed: in the stock
+`tensorflow_model_server`, with `tf.saved_model.load`, or in the TFLite
+interpreter on a phone.
+
+The `serving_default` signature written by `export_for_serving` has stable
+names:
+
+- input `text` (`tf.string`, shape `[batch]`) when the model takes raw text
+  (its pipeline starts with a `TextVectorization` layer, inside the model or
+  passed as `text_vectorizer=`); otherwise input `inputs` with the model's
+  input shape and dtype (e.g. `int32` token ids of shape `[batch, 200]`).
+- output `predictions` (`tf.float32`, the model's output shape). Outputs are
+  cast to `float32` whatever the model's dtype policy (a `mixed_bfloat16`
+  model still answers in `float32`, which JSON clients can read).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+SERVING_SIGNATURE_KEY = "serving_default"
+TEXT_INPUT_NAME = "text"
+DEFAULT_INPUT_NAME = "inputs"
+OUTPUT_NAME = "predictions"
+
+# Methods that return a plain Keras layer computing the same function as the
+# factorized one (FactorizedEmbedding.to_embedding, LowRankDense.to_dense).
+MERGE_METHODS = ("to_embedding", "to_dense", "merge")
+
+# Ops that call back into the Python interpreter: TF Serving cannot run them.
+PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+
+_VERSION_DIR = re.compile(r"^[0-9]+$")
+
+
+def _check_backend(function_name: str) -> None:
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"`{function_name}` writes TensorFlow artifacts and needs the "
+            "TensorFlow backend (set KERAS_BACKEND=tensorflow before importing "
+            f"keras). Received: backend={backend}"
+        )
+
+
+def merge_factorized_layers(model: keras.Model) -> keras.Model:
+    """Returns a copy of `model` with factorized layers merged into plain ones.
+
+    Every layer that has a merge method (`to_embedding()` on
+    `FactorizedEmbedding`, `to_dense()` on `LowRankDense`, or `merge()`) is
+    replaced by the plain layer it returns (`Embedding`, `Dense`) holding the
+    product of the factors; every other layer is shared with `model`, which is
+    left unchanged. Merged models look up embedding rows with one gather
+    instead of a gather and a matmul, at the cost of storing the full matrices.
+
+    Args:
+        model: A built Functional or Sequential Keras model (nested models
+            are walked too).
+
+    Returns:
+        A new `keras.Model` with the same inputs and outputs.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_factorized import FactorizedEmbedding
+    >>> from keras_factorized.export import merge_factorized_layers
+    >>> model = keras.Sequential([keras.Input((5,), dtype="int32"),
+    ...                           FactorizedEmbedding(100, 8, rank=2)])
+    >>> merged = merge_factorized_layers(model)
+    >>> [type(layer).__name__ for layer in merged.layers]
+    ['Embedding']
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Expected `model` to be a keras.Model. "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
+
+    def clone_function(layer):
+        for method in MERGE_METHODS:
+            if callable(getattr(layer, method, None)):
+                return getattr(layer, method)()
+        # Shares the layer (and its weights) with the original model.
+        return layer
+
+    try:
+        return keras.models.clone_model(
+            model, clone_function=clone_function, recursive=True
+        )
+    except ValueError as e:
+        raise ValueError(
+            "`merge_factors=True` rebuilds the model with "
+            "`keras.models.clone_model`, which only walks Functional and "
+            "Sequential models. Merge the layers yourself (`to_embedding()`, "
+            f"`to_dense()`) for subclassed models. Received: model={model.name} "
+            f"({type(model).__name__}): {e}"
+        ) from e
+
+
+def next_version(export_dir: str | os.PathLike) -> int:
+    """The next TF Serving version number in `export_dir` (1 when empty).
+
+    Args:
+        export_dir: The model's base folder (`/models/imdb`), which holds one
+            integer-named folder per version.
+
+    Returns:
+        One more than the largest integer-named subfolder, or 1.
+
+    Example:
+
+    >>> import tempfile
+    >>> next_version(tempfile.mkdtemp())
+    1
+    """
+    if not os.path.isdir(export_dir):
+        return 1
+    versions = [
+        int(name)
+        for name in os.listdir(export_dir)
+        if _VERSION_DIR.match(name)
+        and os.path.isdir(os.path.join(export_dir, name))
+    ]
+    return max(versions, default=0) + 1
+
+
+def _single_input(model: keras.Model) -> Any:
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            "The model has no defined inputs: build it with a `keras.Input` "
+            "(or call it once on data) before exporting. "
+            f"Received: model={model.name}"
+        )
+    if len(inputs) != 1:
+        raise ValueError(
+            "Only single-input models can be exported by this function (use "
+            "`keras.export.ExportArchive` directly for several inputs). "
+            f"Received: model={model.name} with {len(inputs)} inputs"
+        )
+    return inputs[0]
+
+
+def _sequence_length(text_vectorizer) -> int | None:
+    return text_vectorizer.get_config().get("output_sequence_length")
+
+
+def _fit_length(token_ids, length: int):
+    """Truncates or zero-pads `[batch, n]` token ids to `[batch, length]`."""
+    token_ids = token_ids[:, :length]
+    padding = length - tf.shape(token_ids)[1]
+    return tf.pad(token_ids, [[0, 0], [0, padding]])
+
+
+def _ragged_copy(text_vectorizer):
+    """The same vectorizer (vocabulary, standardization) with ragged output."""
+    config = text_vectorizer.get_config()
+    config.update(
+        output_sequence_length=None,
+        ragged=True,
+        vocabulary=text_vectorizer.get_vocabulary(),
+        idf_weights=None,
+        name=f"{text_vectorizer.name}_ragged",
+    )
+    config.pop("vocabulary_size", None)
+    copy = keras.layers.TextVectorization.from_config(config)
+    copy.build((None,))
+    return copy
+
+
+def _keep_last_tokens(ragged_ids, length: int):
+    """The last `length` ids of each row, zero-padded at the end."""
+    starts = tf.maximum(ragged_ids.row_lengths() - length, 0)
+    values = tf.ragged.range(starts, ragged_ids.row_lengths())
+    kept = tf.gather(ragged_ids, values, batch_dims=1)
+    return kept.to_tensor(default_value=0, shape=[None, length])
+
+
+def _named_outputs(model: keras.Model, outputs, output_name: str) -> dict:
+    if isinstance(outputs, dict):
+        named = dict(outputs)
+    elif isinstance(outputs, (list, tuple)):
+        if len(outputs) == 1:
+            named = {output_name: outputs[0]}
+        else:
+            named = dict(zip(model.output_names, outputs))
+    else:
+        named = {output_name: outputs}
+    return {
+        name: tf.cast(value, tf.float32) if value.dtype.is_floating else value
+        for name, value in named.items()
+    }
+
+
+def _serving_function(
+    model: keras.Model,
+    text_vectorizer=None,
+    input_name: str | None = None,
+    output_name: str = OUTPUT_NAME,
+    truncate: str = "post",
+):
+    """The `tf.function` TF Serving will expose, and the layers to track."""
+    if input_name is not None and not (
+        isinstance(input_name, str) and input_name.isidentifier()
+    ):
+        raise ValueError(
+            "Received an invalid value for `signature_input_name`, expected an "
+            "identifier such as 'text'. Received: "
+            f"signature_input_name={input_name!r}"
+        )
+    model_input = _single_input(model)
+    input_shape = tuple(model_input.shape)
+    input_dtype = tf.as_dtype(model_input.dtype)
+
+    if text_vectorizer is not None:
+        if input_dtype == tf.string:
+            raise ValueError(
+                "`text_vectorizer` is for models that take token ids, but "
+                "this model already takes strings (its pipeline includes the "
+                "vectorization). Pass text_vectorizer=None. Received: "
+                f"text_vectorizer={text_vectorizer.name}, model input "
+                f"dtype={model_input.dtype}"
+            )
+        length = input_shape[1] if len(input_shape) == 2 else None
+        vectorizer_length = _sequence_length(text_vectorizer)
+        if length and vectorizer_length and vectorizer_length != length:
+            raise ValueError(
+                "The `text_vectorizer` pads or truncates to a different length "
+                "than the model expects. Received: text_vectorizer with "
+                f"output_sequence_length={vectorizer_length}, model input "
+                f"shape={input_shape}"
+            )
+        if not text_vectorizer.built:
+            text_vectorizer.build((None,))
+        resources = [text_vectorizer]
+        if truncate == "pre":
+            if not length:
+                raise ValueError(
+                    "`truncate='pre'` keeps the last tokens of each text and "
+                    "needs a model with a fixed sequence length. Received: "
+                    f"model input shape={input_shape}"
+                )
+            ragged_vectorizer = _ragged_copy(text_vectorizer)
+            resources.append(ragged_vectorizer)
+        spec = tf.TensorSpec([None], tf.string, name=input_name or TEXT_INPUT_NAME)
+
+        def serve(text):
+            if truncate == "pre":
+                token_ids = _keep_last_tokens(ragged_vectorizer(text), length)
+            else:
+                token_ids = text_vectorizer(text)
+                if length and not vectorizer_length:
+                    token_ids = _fit_length(token_ids, length)
+            outputs = model(tf.cast(token_ids, input_dtype), training=False)
+            return _named_outputs(model, outputs, output_name)
+
+    elif input_dtype == tf.string:
+        resources = []
+        # Raw text in: `{"instances": ["review text", ...]}` on the REST API.
+        spec = tf.TensorSpec([None], tf.string, name=input_name or TEXT_INPUT_NAME)
+
+        def serve(text):
+            if len(input_shape) == 2:
+                text = tf.expand_dims(text, -1)
+            outputs = model(text, training=False)
+            return _named_outputs(model, outputs, output_name)
+
+    else:
+        resources = []
+        spec = tf.TensorSpec(
+            input_shape, input_dtype, name=input_name or DEFAULT_INPUT_NAME
+        )
+
+        def serve(inputs):
+            outputs = model(inputs, training=False)
+            return _named_outputs(model, outputs, output_name)
+
+    serve = tf.function(serve, input_signature=[spec], autograph=False)
+    return serve, resources
+
+
+def _check_version(version) -> None:
+    if version is None:
+        return
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            "Received an invalid value for `version`, expected None (next "
+            "version) or a positive integer (TF Serving only loads "
+            f"integer-named folders). Received: version={version!r}"
+        )
+
+
+def export_for_serving(
+    model: keras.Model,
+    export_dir: str | os.PathLike,
+    version: int | None = None,
+    *,
+    merge_factors: bool = False,
+    overwrite: bool = False,
+    text_vectorizer: keras.layers.TextVectorization | None = None,
+    signature_input_name: str | None = None,
+    signature_output_name: str = OUTPUT_NAME,
+    truncate: str = "post",
+    verbose: bool = False,
+) -> str:
+    """Exports `model` as a SavedModel version that TF Serving can load.
+
+    Writes `<export_dir>/<version>/` (the layout `tensorflow_model_server
+    --model_base_path=<export_dir>` watches) holding a TensorFlow SavedModel
+    whose `serving_default` signature runs the model's forward pass
+    (inference mode). The SavedModel contains only standard TensorFlow ops
+    (no `tf.py_function`), so neither Keras nor `keras_factorized` is needed
+    to serve it.
+
+    Signature names (stable):
+
+    - input `text` (`tf.string`, shape `[batch]`) when `text_vectorizer` is
+      given or the model's own input is a string (its first layer is a
+      `TextVectorization`); else `inputs`, with the model's input shape and
+      dtype. `signature_input_name` renames it.
+    - output `predictions`, always `float32` (mixed-precision models are cast).
+      A model with several outputs uses its `output_names`.
+
+    The write is atomic: the SavedModel is written into a hidden temporary
+    folder inside `export_dir` (TF Serving ignores names that are not
+    integers) and renamed to the version folder only once complete, so a
+    server never sees a half-written version. An existing version is never
+    replaced unless `overwrite=True`.
+
+    Args:
+        model: A built, single-input Keras model (Functional or Sequential;
+            subclassed models work when `merge_factors=False`).
+        export_dir: The model's base folder; created if missing.
+        version: Positive integer version number. Defaults to `None`: the
+            next integer after the largest existing version (1 when none).
+        merge_factors: If `True`, every `FactorizedEmbedding`/`LowRankDense`
+            (any layer with a `to_embedding`/`to_dense`/`merge` method) is
+            replaced by the plain layer holding the product of its factors
+            (one gather per token instead of a gather and a small matmul: a
+            larger file, usually faster lookups). Defaults to `False`: the
+            factors are exported as they are (the smaller file).
+        overwrite: Whether to replace an existing version folder. Defaults to
+            `False`: an existing version raises `FileExistsError`.
+        text_vectorizer: Optional adapted `keras.layers.TextVectorization`
+            that maps raw strings to the model's token ids. When given, the
+            signature takes raw strings. If its `output_sequence_length` is
+            `None`, ids are truncated/zero-padded to the model's sequence
+            length inside the graph.
+        signature_input_name: Name of the signature's input. Defaults to
+            `"text"` for string inputs, `"inputs"` otherwise.
+        signature_output_name: Name of the signature's (single) output.
+            Defaults to `"predictions"`.
+        truncate: How the signature cuts texts longer than the model's
+            sequence length, to match the training pipeline: `"post"` keeps
+            the first tokens (what `TextVectorization(output_sequence_length=)`
+            does), `"pre"` keeps the last ones (`pad_sequences`'s default).
+            Padding is always at the end. Only used with `text_vectorizer`.
+        verbose: Whether to print what was written.
+
+    Returns:
+        The path of the version folder that was written.
+
+    Example:
+
+    ```python
+    import keras, tempfile
+    from keras_factorized import FactorizedEmbedding, LowRankDense
+    from keras_factorized.export import export_for_serving
+
+    model = keras.Sequential([
+        keras.Input((20,), dtype="int32"),
+        FactorizedEmbedding(1000, 32, rank=4),
+        keras.layers.GlobalAveragePooling1D(),
+        LowRankDense(1, rank=1, activation="sigmoid"),
+    ])
+    base = tempfile.mkdtemp()
+    export_for_serving(model, base)                      # base/1
+    export_for_serving(model, base, merge_factors=True)  # base/2
+    # Serve: docker run -p 8501:8501 --mount \
+    #   type=bind,source=$base,target=/models/imdb -e MODEL_NAME=imdb \
+    #   tensorflow/serving
+    ```
+    """
+    _check_backend("export_for_serving")
+    _check_version(version)
+    if truncate not in ("post", "pre"):
+        raise ValueError(
+            "Received an invalid value for `truncate`, expected 'post' or "
+            f"'pre'. Received: truncate={truncate!r}"
+        )
+    if text_vectorizer is not None and not isinstance(
+        text_vectorizer, keras.layers.TextVectorization
+    ):
+        raise TypeError(
+            "Expected `text_vectorizer` to be an adapted "
+            "keras.layers.TextVectorization or None. Received: "
+            f"text_vectorizer={text_vectorizer!r}"
+        )
+    export_dir = os.fspath(export_dir)
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ValueError(
+            "Received an invalid value for `export_dir`, expected a folder "
+            f"(the model's base path). Received: export_dir={export_dir!r} "
+            "is a file"
+        )
+    os.makedirs(export_dir, exist_ok=True)
+    if version is None:
+        version = next_version(export_dir)
+    version_dir = os.path.join(export_dir, str(version))
+    if os.path.exists(version_dir) and not overwrite:
+        raise FileExistsError(
+            f"Version {version} already exists in {export_dir!r}; pass "
+            "overwrite=True to replace it, or version=None for the next one. "
+            f"Received: version={version}, overwrite={overwrite}"
+        )
+
+    if merge_factors:
+        model = merge_factorized_layers(model)
+    serve, resources = _serving_function(
+        model, text_vectorizer, signature_input_name, signature_output_name,
+        truncate,
+    )
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for resource in resources:
+        # Vectorizers' lookup tables must be saved with the variables.
+        archive.track(resource)
+    archive.add_endpoint(SERVING_SIGNATURE_KEY, serve)
+
+    tmp_dir = tempfile.mkdtemp(dir=export_dir, prefix=f".tmp-{version}-")
+    try:
+        archive.write_out(tmp_dir, verbose=False)
+        if os.path.exists(version_dir):
+            # overwrite=True: move the old version aside first, so that a
+            # version folder exists (old or new) at every moment.
+            old_dir = tempfile.mkdtemp(dir=export_dir, prefix=f".old-{version}-")
+            os.rename(version_dir, os.path.join(old_dir, "saved_model"))
+            os.rename(tmp_dir, version_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, version_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if verbose:
+        keras.utils.io_utils.print_msg(
+            f"Exported SavedModel version {version} to {version_dir!r} "
+            f"(signature {SERVING_SIGNATURE_KEY!r})."
+        )
+    return version_dir
+
+
+def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
+    """All op types in a SavedModel's graph, its function library included.
+
+    Args:
+        saved_model_dir: A SavedModel folder (e.g. a version folder).
+
+    Returns:
+        The set of op type names (`"MatMul"`, `"GatherV2"`, ...). A SavedModel
+        that TF Serving can run contains none of `PYTHON_OPS`.
+
+    Example:
+
+    ```python
+    ops = saved_model_ops(export_for_serving(model, "/tmp/imdb"))
+    assert not ops & PYTHON_OPS
+    ```
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+        saved_model.ParseFromString(f.read())
+    ops = set()
+    for meta_graph in saved_model.meta_graphs:
+        ops.update(node.op for node in meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_tflite(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    batch_size: int | None = 1,
+    sequence_length: int | None = None,
+    merge_factors: bool = False,
+    optimize: bool = False,
+    overwrite: bool = True,
+) -> str:
+    """Converts `model` to a TFLite flatbuffer using builtin ops only.
+
+    The model is first written as a SavedModel with a fixed input signature
+    (`keras.export.ExportArchive`), then converted by
+    `tf.lite.TFLiteConverter.from_saved_model` with
+    `supported_ops=[TFLITE_BUILTINS]`: no Flex delegate (`SELECT_TF_OPS`) is
+    needed, so the file runs in the stock TFLite/LiteRT interpreters.
+
+    Which Keras 3 LSTM configurations reach builtin ops (TF 2.21, checked
+    with `Embedding`/`FactorizedEmbedding` + `LSTM` + `Dense`):
+
+    - `LSTM(unroll=False)` (the default) converts when the batch size AND the
+      sequence length are fixed: the loop becomes a builtin `WHILE` with
+      `FULLY_CONNECTED` cells. This is the default here (`batch_size=1`, the
+      sequence length from the model's input), and gives the smallest file
+      and fastest conversion.
+    - A dynamic batch (`batch_size=None`) fails for non-unrolled LSTMs
+      (`tf.TensorListReserve` needs a static element shape); it works with
+      `LSTM(unroll=True)` at the cost of a larger file and a much slower
+      conversion (seconds per hundred steps).
+    - Converting from a concrete function
+      (`TFLiteConverter.from_concrete_functions`) instead of a SavedModel
+      fails at run time for non-unrolled LSTMs (`READ_VARIABLE` on a
+      missing variable), which is why this function goes through a
+      SavedModel.
+
+    A `TextVectorization` layer cannot become TFLite builtin ops (string
+    splitting and hash-table lookups are Flex ops): the TFLite model takes
+    token ids, so vectorize on the device (or export the model without its
+    vectorization layer). Models with a string input raise a `ValueError`.
+
+    Args:
+        model: A built, single-input Keras model.
+        path: Where to write the `.tflite` file.
+        batch_size: Fixed batch size of the TFLite model's input. Defaults to
+            1 (what a phone runs). `None` makes it dynamic, which needs
+            `unroll=True` on the model's LSTMs.
+        sequence_length: Sequence length to fix when the model's input has
+            `None` there. Defaults to the model's own.
+        merge_factors: Whether to merge factorized layers into plain ones
+            first (see `merge_factorized_layers`). Defaults to `False`.
+        optimize: Whether to apply `tf.lite.Optimize.DEFAULT` (dynamic-range
+            int8 weight quantization: about 4x smaller, less exact).
+            Defaults to `False`.
+        overwrite: Whether to replace an existing file (atomically, like
+            `model.save`). Defaults to `True`.
+
+    Returns:
+        `path`, as a string.
+
+    Example:
+
+    ```python
+    import numpy as np, tensorflow as tf
+    from keras_factorized.export import export_tflite
+
+    export_tflite(model, "/tmp/imdb.tflite")  # batch 1, seq from the model
+    interpreter = tf.lite.Interpreter(model_path="/tmp/imdb.tflite")
+    runner = interpreter.get_signature_runner()
+    probability = runner(inputs=token_ids[None].astype("int32"))["predictions"]
+    ```
+    """
+    _check_backend("export_tflite")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(
+            "Received an invalid value for `batch_size`, expected a positive "
+            f"integer or None. Received: batch_size={batch_size!r}"
+        )
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path!r} already exists; pass overwrite=True to replace it. "
+            f"Received: overwrite={overwrite}"
+        )
+    model_input = _single_input(model)
+    if tf.as_dtype(model_input.dtype) == tf.string:
+        raise ValueError(
+            "TFLite builtin ops cannot run text vectorization (string "
+            "splitting, hash-table lookups): export the model that takes token "
+            "ids and vectorize on the device. Received: a model whose input "
+            f"dtype is {model_input.dtype}"
+        )
+    shape = list(model_input.shape)
+    shape[0] = batch_size
+    for axis in range(1, len(shape)):
+        if shape[axis] is None:
+            if sequence_length is None or axis != 1:
+                raise ValueError(
+                    "TFLite needs a fixed input shape: pass `sequence_length` "
+                    "(or build the model with a fixed-length keras.Input). "
+                    f"Received: model input shape={tuple(model_input.shape)}, "
+                    f"sequence_length={sequence_length}"
+                )
+            shape[axis] = sequence_length
+
+    if merge_factors:
+        model = merge_factorized_layers(model)
+    spec = tf.TensorSpec(shape, model_input.dtype, name=DEFAULT_INPUT_NAME)
+
+    def serve(inputs):
+        return _named_outputs(model, model(inputs, training=False), OUTPUT_NAME)
+
+    with tempfile.TemporaryDirectory() as saved_model_dir:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            SERVING_SIGNATURE_KEY,
+            tf.function(serve, input_signature=[spec], autograph=False),
+        )
+        archive.write_out(saved_model_dir, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if optimize:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        try:
+            flatbuffer = converter.convert()
+        except Exception as e:
+            raise ValueError(
+                "The model does not convert to TFLite builtin ops. For LSTMs, "
+                "keep a fixed batch size (`batch_size=1`) and sequence length, "
+                "or build them with `unroll=True` for a dynamic batch. "
+                f"Received: batch_size={batch_size}, input shape={tuple(shape)}."
+                f" Converter error: {str(e).splitlines()[0] if str(e) else e!r}"
+            ) from e
+    _atomic_write_bytes(path, flatbuffer)
+    return path

@@ -253,7 +253,10 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+    fields: list[str] = []
+    for row in rows:
+        fields += [key for key in row if key not in fields]
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     _write_text(path, buffer.getvalue())
@@ -352,55 +355,55 @@ def _calibration(args):
     return data
 
 
-def _factorize(model, quiet=True, **kwargs):
-    """Calls `keras_factorized.factorize`, turning argument errors into UsageError."""
+def _factorize(model, **kwargs):
+    """`keras_factorized.surgery.factorize`: `(new_model, report)`, or UsageError."""
     try:
         from keras_factorized.surgery import factorize
     except ImportError as e:
         raise UsageError(f"model surgery is not available: {_one_line(e)}")
     try:
-        return factorize(model, **kwargs)
+        new_model = factorize(model, **kwargs)
     except (ValueError, TypeError) as e:
         raise UsageError(_one_line(e))
-
-
-def _format_report(report) -> str:
-    if report is None:
-        return ""
-    if isinstance(report, str):
-        return report
-    for attr in ("format", "to_text", "summary"):
-        method = getattr(report, attr, None)
-        if callable(method):
-            with contextlib.suppress(TypeError):
-                text = method()
-                if isinstance(text, str):
-                    return text
-    return str(report)
+    return new_model, getattr(new_model, "factorization_report", None)
 
 
 def _cmd_compress(args) -> int:
     _check_output_file(args.output, suffixes=(".keras",), overwrite=args.overwrite)
     calibration = _calibration(args)
     model = load_model(args.model)
-    result = _factorize(
+    print(f"Factorizing {args.model} (method {args.method}, {_rank_text(args)})")
+    new_model, report = _factorize(
         model,
         **_rank_kwargs(args),
         method=args.method,
         calibration_data=calibration,
         include=args.include,
         exclude=args.exclude,
+        allocation=args.allocation,
+        distillation_epochs=args.distillation_epochs,
+        verbose=0 if args.quiet else 1,
     )
-    new_model, report = result if isinstance(result, tuple) else (result, None)
-    text = _format_report(report)
-    if text:
-        print(text)
+    if report is not None:
+        print(report)
+    if getattr(model, "compiled", False) and model.get_compile_config():
+        # A fresh optimizer: the copied one holds slots for the old variables
+        # (saved, it would not load into the factorized model).
+        new_model.compile_from_config(model.get_compile_config())
     before, after = model.count_params(), new_model.count_params()
-    print(f"Parameters: {before:,} -> {after:,} ({after / max(before, 1):.1%} of the original)")
+    print(f"Model parameters: {before:,} -> {after:,} ({after / max(before, 1):.1%})")
     with atomic_output(args.output) as tmp:
         new_model.save(tmp)
     print(f"Wrote {args.output}")
     return 0
+
+
+def _rank_text(args) -> str:
+    if args.rank is not None:
+        return f"rank {args.rank}"
+    if args.energy is not None:
+        return f"energy {args.energy}"
+    return f"param ratio {args.param_ratio}"
 
 
 # --------------------------------------------------------------------------
@@ -430,7 +433,7 @@ def _cmd_export(args) -> int:
             merge_factors=args.merge,
             overwrite=args.overwrite,
         )
-    except (ValueError, TypeError, FileExistsError) as e:
+    except (ValueError, TypeError, FileExistsError, RuntimeError) as e:
         raise UsageError(_one_line(e))
     bar.update(1)
     where = result if isinstance(result, (str, os.PathLike)) else export_dir
@@ -630,10 +633,9 @@ def _cmd_sweep(args) -> int:
     metric = _metric_name(base)
     for i, rank in enumerate(args.ranks, start=1):
         print(f"[{i}/{len(args.ranks)}] rank {rank}")
-        result = _factorize(
+        small, _ = _factorize(
             model, rank=rank, method="svd", include=args.include, exclude=args.exclude
         )
-        small = result[0] if isinstance(result, tuple) else result
         _compile_for_sweep(small, model, args.loss)
         results = _evaluate(small, x_val, y_val, args.batch_size, args.quiet)
         tuned = None
@@ -792,13 +794,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--calibration", metavar="DATA", default=None,
         help="model inputs for --method whitened/learned: a .npy array or an .npz with an array `x`",
     )
+    _add_layer_filters(p)
     p.add_argument(
-        "--include", type=_regex, metavar="REGEX", default=None,
-        help="only layers whose path or name matches this regular expression",
+        "--allocation", choices=("greedy", "uniform"), default="greedy",
+        help=(
+            "with --param-ratio: greedy spends the budget where it removes the "
+            "most error per parameter; uniform gives every layer the same ratio"
+        ),
     )
     p.add_argument(
-        "--exclude", type=_regex, metavar="REGEX", default=None,
-        help="skip layers whose path or name matches this regular expression",
+        "--distillation-epochs", type=_positive_int, default=2, metavar="N",
+        help="with --method learned: passes over the calibration data",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace the output file if it exists"
@@ -891,14 +897,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--ranks", type=_rank_list, default="4,8,16,32", metavar="K1,K2,...",
         help="the ranks to try",
     )
-    p.add_argument(
-        "--include", type=_regex, metavar="REGEX", default=None,
-        help="only compress layers whose path or name matches this regular expression",
-    )
-    p.add_argument(
-        "--exclude", type=_regex, metavar="REGEX", default=None,
-        help="never compress layers whose path or name matches this regular expression",
-    )
+    _add_layer_filters(p)
     p.add_argument(
         "--fine-tune-epochs", type=_non_negative_int, default=0, metavar="N",
         help="epochs of training on x/y after each compression (0: none)",
@@ -923,6 +922,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_layer_filters(parser) -> None:
+    parser.add_argument(
+        "--include", type=_regex, action="append", metavar="REGEX", default=None,
+        help=(
+            "only factorize layers whose path (as `inspect` prints it) matches "
+            "this regular expression (re.search); repeatable"
+        ),
+    )
+    parser.add_argument(
+        "--exclude", type=_regex, action="append", metavar="REGEX", default=None,
+        help="leave alone layers whose path matches this regular expression; repeatable",
+    )
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     for arg in argv:
         if not arg.startswith("-"):
@@ -937,7 +950,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (without the program name); default `sys.argv[1:]`.
 
     Returns:
-        The exit status: 0 on success, 2 on a user error (one line on stderr).
+        The exit status: 0 on success, 2 on a user error (one line on
+        stderr), 1 when writing an output fails (e.g. disk full).
 
     Example:
 
@@ -958,6 +972,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"{PROG} {command}" if command in _COMMANDS else PROG
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # Disk full, permissions changed mid-run...: not a usage error.
+        if show_traceback:
+            raise
+        command = _command_of(argv)
+        prog = f"{PROG} {command}" if command in _COMMANDS else PROG
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:

@@ -1,0 +1,490 @@
+"""Tests of the `keras-factorized` command line, through its entry points.
+
+Most tests call `main([...])` in-process (fast); a few run the installed
+console script and `python -m keras_factorized` as real subprocesses to check
+the exit status and the one-line error on stderr.
+"""
+
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from keras_factorized import cli, spectrum
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TF_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="SavedModel export needs TensorFlow"
+)
+IMDB_FIXTURE = os.path.join(
+    os.path.dirname(__file__), "data", "imdb_fixture", "aclImdb_mini.tar.gz"
+)
+
+
+def _has_surgery():
+    try:
+        from keras_factorized.surgery import factorize  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_surgery = pytest.mark.skipif(
+    not _has_surgery(), reason="keras_factorized.surgery.factorize not available"
+)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny trained Embedding+LSTM+Dense model saved as .keras, and its data."""
+    folder = tmp_path_factory.mktemp("cli")
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 60, size=(160, 10)).astype("int32")
+    y = (x[:, 0] > 30).astype("int32")
+    model = keras.Sequential(
+        [
+            keras.Input((10,), dtype="int32"),
+            keras.layers.Embedding(60, 16, name="embedding"),
+            keras.layers.LSTM(8, name="lstm"),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(1, activation="sigmoid", name="out"),
+        ]
+    )
+    model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    model.save(folder / "tiny.keras")
+    np.savez(folder / "data.npz", x=x[:120], y=y[:120], x_val=x[120:], y_val=y[120:])
+    return folder
+
+
+def _run(capsys, argv):
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(err, *fragments):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error:" in lines[0] and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _no_leftovers(folder, keep=()):
+    """Names in `folder` other than `keep` (temporary files left behind)."""
+    return sorted(set(os.listdir(folder)) - set(keep))
+
+
+# ---------------------------------------------------------------- help / usage
+
+
+@pytest.mark.parametrize("command", ["inspect", "compress", "export", "sweep", "imdb"])
+def test_help_of_every_command(capsys, command):
+    code, out, _ = _run(capsys, [command, "--help"])
+    assert code == 0
+    assert out.startswith(f"usage: keras-factorized {command}")
+    if command != "imdb":
+        assert "(default:" in out
+
+
+def test_help_lists_commands_and_flag_defaults(capsys):
+    code, out, _ = _run(capsys, ["--help"])
+    assert code == 0
+    for command in ("inspect", "compress", "export", "imdb", "sweep"):
+        assert command in out
+    _, out, _ = _run(capsys, ["sweep", "--help"])
+    assert "(default: 4,8,16,32)" in out and "(default: 64)" in out
+    _, out, _ = _run(capsys, ["compress", "--help"])
+    assert "(default: svd)" in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        ([], "COMMAND"),
+        (["nope"], "invalid choice"),
+        (["compress", "m.keras", "-o", "o.keras", "--rank", "0"], "--rank"),
+        (["compress", "m.keras", "-o", "o.keras", "--rank", "2.5"], "--rank"),
+        (["compress", "m.keras", "-o", "o.keras", "--param-ratio", "1.5"], "--param-ratio"),
+        (["compress", "m.keras", "-o", "o.keras", "--rank", "4", "--energy", "0.9"], "not allowed"),
+        (["compress", "m.keras", "-o", "o.keras"], "one of the arguments"),
+        (["compress", "m.keras", "-o", "o.keras", "--rank", "4", "--include", "("], "--include"),
+        (["sweep", "m.keras", "--data", "d.npz", "--ranks", "4,x"], "--ranks"),
+        (["inspect", "m.keras", "--energy-levels", "0.9,2"], "--energy-levels"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, fragment):
+    code, out, err = _run(capsys, argv)
+    assert code == 2
+    _assert_one_line_error(err, fragment)
+
+
+# TensorFlow's C++ runtime logs a few lines on import whatever TF_CPP_MIN_LOG_LEVEL
+# says ("WARNING: All log messages before absl::InitializeLog()...", "I0000 ...");
+# those are TensorFlow's, not ours.
+_TF_LOG_LINE = re.compile(r"^(WARNING: All log messages before absl|[IWEF]\d{4} )")
+
+
+def _own_stderr_lines(stderr):
+    return [line for line in stderr.splitlines() if not _TF_LOG_LINE.match(line)]
+
+
+def _console_script():
+    candidate = os.path.join(os.path.dirname(sys.executable), "keras-factorized")
+    return candidate if os.path.exists(candidate) else shutil.which("keras-factorized")
+
+
+@pytest.mark.skipif(_console_script() is None, reason="console script not installed")
+def test_console_script_bad_argument_exits_2_with_one_line(tmp_path):
+    done = subprocess.run(
+        [_console_script(), "compress", str(tmp_path / "m.keras"), "-o", "o.keras", "--rank", "-3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert _own_stderr_lines(done.stderr) == [
+        "keras-factorized compress: error: argument --rank: expected a positive "
+        "integer, received '-3' (see `keras-factorized compress --help`)"
+    ]
+
+
+def test_python_dash_m(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["keras_factorized", "inspect", str(tmp_path / "none.keras")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("keras_factorized", run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"keras-factorized inspect: error: model file not found: {tmp_path / 'none.keras'}"
+    ]
+
+
+# ---------------------------------------------------------------- bad model files
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "zip", "folder"])
+@pytest.mark.parametrize("command", ["inspect", "compress", "export", "sweep"])
+def test_bad_model_file(capsys, tmp_path, kind, command):
+    path = tmp_path / "model.keras"
+    if kind == "text":
+        path.write_text("not a model")
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("hello.txt", "hi")
+    elif kind == "folder":
+        path.mkdir()
+    extra = {
+        "inspect": [],
+        "compress": ["-o", tmp_path / "out.keras", "--rank", "2"],
+        "export": [tmp_path / "export"],
+        "sweep": ["--data", tmp_path / "d.npz"],
+    }[command]
+    if command == "sweep":
+        np.savez(tmp_path / "d.npz", x=np.zeros((4, 10)), y=np.zeros(4))
+    code, _, err = _run(capsys, [command, path, *extra])
+    assert code == 2
+    expected = "not found" if kind == "missing" else "not a Keras model"
+    _assert_one_line_error(err, expected, str(path))
+    assert not (tmp_path / "out.keras").exists()
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads everything"
+)
+def test_unreadable_model(capsys, tmp_path, workdir):
+    path = tmp_path / "locked.keras"
+    shutil.copy(workdir / "tiny.keras", path)
+    os.chmod(path, 0)
+    try:
+        code, _, err = _run(capsys, ["inspect", path])
+    finally:
+        os.chmod(path, 0o600)
+    assert code == 2
+    _assert_one_line_error(err, "not readable")
+
+
+def test_corrupt_keras_archive(capsys, tmp_path):
+    path = tmp_path / "broken.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", "{not json")
+        archive.writestr("metadata.json", "{}")
+    code, _, err = _run(capsys, ["inspect", path])
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(
+        f"keras-factorized inspect: error: cannot load {path} as a Keras model"
+    )
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def test_inspect_table_json_and_png(capsys, workdir, tmp_path):
+    png, out_json = tmp_path / "spectra.png", tmp_path / "spectra.json"
+    code, out, err = _run(capsys, ["inspect", workdir / "tiny.keras", "--plot", png, "--json", out_json])
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("layer"))
+    assert "rank@90% (saving)" in header and "rank@99% (saving)" in header
+    table = {line.split()[0]: line.split() for line in lines if line.split()}
+    assert table["embedding"][1:4] == ["Embedding", "60x16", "960"]
+    assert table["hidden"][1:3] == ["Dense", "8x16"]
+    assert "lstm" not in table  # LSTM kernels are not factorized.
+    assert table["total"][1] == f"{960 + 128 + 16:,}"
+
+    rows = json.loads(out_json.read_text())
+    assert [r["path"] for r in rows] == ["embedding", "hidden", "out"]
+    emb = keras.saving.load_model(workdir / "tiny.keras").get_layer("embedding")
+    s = np.linalg.svd(keras.ops.convert_to_numpy(emb.embeddings), compute_uv=False)
+    np.testing.assert_allclose(rows[0]["singular_values"], s, rtol=1e-4)
+    energy = np.cumsum(s**2) / np.sum(s**2)
+    for level in rows[0]["levels"]:
+        expected_rank = int(np.argmax(energy >= level["energy"] - 1e-12)) + 1
+        assert level["rank"] == expected_rank
+        assert level["params"] == (60 + 16) * expected_rank
+        assert level["saving"] == pytest.approx(1 - (60 + 16) * expected_rank / 960)
+
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert _no_leftovers(tmp_path, keep=["spectra.png", "spectra.json"]) == []
+
+
+def test_inspect_plot_failure_leaves_no_file(capsys, workdir, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    def broken_savefig(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(PNG_SIGNATURE[:4])  # half a file...
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
+    png = tmp_path / "spectra.png"
+    code, _, err = _run(capsys, ["inspect", workdir / "tiny.keras", "--plot", png, "-q"])
+    assert code == 1
+    _assert_one_line_error(err, "No space left on device")
+    assert os.listdir(tmp_path) == []
+
+
+def test_inspect_missing_output_folder(capsys, workdir, tmp_path):
+    code, _, err = _run(capsys, ["inspect", workdir / "tiny.keras", "--plot", tmp_path / "no" / "x.png"])
+    assert code == 2
+    _assert_one_line_error(err, "output folder does not exist")
+
+
+def test_spectrum_of_factorized_layers_matches_product():
+    from keras_factorized import FactorizedEmbedding, LowRankDense
+
+    inputs = keras.Input((6,), dtype="int32")
+    h = FactorizedEmbedding(40, 12, rank=3, name="fe")(inputs)
+    h = keras.layers.EinsumDense("abc,cde->abde", output_shape=(6, 2, 4), name="ed")(h)
+    h = keras.layers.Reshape((6, 8))(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    outputs = LowRankDense(5, rank=2, name="lrd")(h)
+    model = keras.Model(inputs, outputs)
+    rows = {row["path"].split("/")[-1]: row for row in spectrum.inspect_model(model)}
+
+    fe = model.get_layer("fe")
+    merged = keras.ops.convert_to_numpy(fe.embeddings_a) @ keras.ops.convert_to_numpy(fe.embeddings_b)
+    np.testing.assert_allclose(
+        rows["fe"]["singular_values"],
+        np.linalg.svd(merged, compute_uv=False)[:3], rtol=1e-4, atol=1e-6,
+    )
+    assert rows["fe"]["shape"] == (40, 12) and rows["fe"]["rank"] == 3
+    assert rows["fe"]["params"] == 40 * 3 + 3 * 12
+    assert rows["lrd"]["shape"] == (8, 5) and rows["lrd"]["rank"] == 2
+    kernel = keras.ops.convert_to_numpy(model.get_layer("ed").kernel)  # (12, 2, 4)
+    np.testing.assert_allclose(
+        rows["ed"]["singular_values"],
+        np.linalg.svd(kernel.reshape(12, 8), compute_uv=False), rtol=1e-4,
+    )
+    # A factorized layer keeping all its energy at its own rank saves nothing.
+    assert rows["fe"]["levels"][-1]["rank"] <= 3
+    assert rows["fe"]["levels"][-1]["saving"] >= 0
+
+
+def test_matricize_einsum_kernel_orders_axes():
+    kernel = np.arange(2 * 3 * 4).reshape(3, 2, 4).astype(float)  # axes d, c, e
+    matrix = spectrum.matricize_einsum_kernel(kernel, "abc,dce->abde")
+    # Contracted axis c (kernel axis 1) first, then output axes d, e.
+    assert matrix.shape == (2, 12)
+    np.testing.assert_array_equal(matrix[1], np.transpose(kernel, (1, 0, 2))[1].ravel())
+    assert spectrum.matricize_einsum_kernel(np.zeros((3, 4)), "abc,bc->abc") is None
+
+
+# ---------------------------------------------------------------- compress
+
+
+@needs_surgery
+def test_compress_writes_smaller_model(capsys, workdir, tmp_path):
+    out = tmp_path / "small.keras"
+    code, stdout, err = _run(
+        capsys, ["compress", workdir / "tiny.keras", "-o", out, "--rank", "4", "-q"]
+    )
+    assert code == 0, err
+    assert f"Wrote {out}" in stdout and "Model parameters:" in stdout
+    assert "Factorization (svd)" in stdout  # factorize's report
+    original = keras.saving.load_model(workdir / "tiny.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. optimizer slots that do not fit
+        small = keras.saving.load_model(out)
+    assert small.count_params() < original.count_params()
+    assert type(small.get_layer("embedding")).__name__ == "FactorizedEmbedding"
+    assert _no_leftovers(tmp_path, keep=["small.keras"]) == []
+    # The output exists now: a second run must not replace it silently.
+    code, _, err = _run(capsys, ["compress", workdir / "tiny.keras", "-o", out, "--rank", "4"])
+    assert code == 2
+    _assert_one_line_error(err, "--overwrite")
+
+
+@needs_surgery
+def test_compress_include_regex(capsys, workdir, tmp_path):
+    out = tmp_path / "small.keras"
+    code, _, err = _run(
+        capsys,
+        ["compress", workdir / "tiny.keras", "-o", out, "--rank", "2", "--include", "^embedding$", "-q"],
+    )
+    assert code == 0, err
+    small = keras.saving.load_model(out)
+    assert type(small.get_layer("embedding")).__name__ == "FactorizedEmbedding"
+    assert type(small.get_layer("hidden")).__name__ == "Dense"
+
+
+@needs_surgery
+def test_compress_failed_save_leaves_nothing(capsys, workdir, tmp_path, monkeypatch):
+    def broken_save(self, filepath, *args, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", broken_save)
+    out = tmp_path / "small.keras"
+    code, _, err = _run(capsys, ["compress", workdir / "tiny.keras", "-o", out, "--rank", "4", "-q"])
+    assert code == 1
+    _assert_one_line_error(err, "No space left")
+    assert os.listdir(tmp_path) == []
+
+
+def test_compress_argument_checks_before_loading(capsys, workdir, tmp_path):
+    code, _, err = _run(
+        capsys, ["compress", workdir / "tiny.keras", "-o", tmp_path / "small.h5", "--rank", "4"]
+    )
+    assert code == 2
+    _assert_one_line_error(err, ".keras")
+    code, _, err = _run(
+        capsys,
+        ["compress", workdir / "tiny.keras", "-o", tmp_path / "s.keras", "--rank", "4", "--method", "whitened"],
+    )
+    assert code == 2
+    _assert_one_line_error(err, "--calibration")
+    code, _, err = _run(
+        capsys,
+        ["compress", workdir / "tiny.keras", "-o", tmp_path / "s.keras", "--rank", "4",
+         "--method", "whitened", "--calibration", tmp_path / "none.npy"],
+    )
+    assert code == 2
+    _assert_one_line_error(err, "calibration file not found")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- export
+
+
+@TF_ONLY
+def test_export_versions(capsys, workdir, tmp_path):
+    export_dir = tmp_path / "serving"
+    code, out, err = _run(capsys, ["export", workdir / "tiny.keras", export_dir, "--version", "3", "-q"])
+    assert code == 0, err
+    assert (export_dir / "3" / "saved_model.pb").exists()
+    assert str(export_dir / "3") in out
+    code, _, err = _run(capsys, ["export", workdir / "tiny.keras", export_dir, "--version", "3"])
+    assert code == 2
+    _assert_one_line_error(err, "already exists")
+    assert sorted(os.listdir(export_dir)) == ["3"]
+
+
+def test_export_failure_leaves_no_version(capsys, workdir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    from keras_factorized import export
+
+    def broken_export(model, export_dir, version=None, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "export_for_serving", broken_export)
+    code, _, err = _run(capsys, ["export", workdir / "tiny.keras", tmp_path / "serving", "-q"])
+    assert code == 1
+    _assert_one_line_error(err, "No space left")
+    assert not (tmp_path / "serving").exists()
+
+
+# ---------------------------------------------------------------- sweep
+
+
+@needs_surgery
+def test_sweep_npz_outputs(capsys, workdir, tmp_path):
+    png, out_json, out_csv = tmp_path / "sweep.png", tmp_path / "sweep.json", tmp_path / "sweep.csv"
+    code, out, err = _run(
+        capsys,
+        ["sweep", workdir / "tiny.keras", "--data", workdir / "data.npz", "--ranks", "4,2",
+         "--fine-tune-epochs", "1", "--plot", png, "--json", out_json, "--csv", out_csv, "-q"],
+    )
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())
+    assert [r["rank"] for r in rows] == ["full", 2, 4]
+    assert rows[0]["params"] > rows[2]["params"] > rows[1]["params"]
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1
+    assert "fine_tuned_accuracy" in rows[1]
+    original = keras.saving.load_model(workdir / "tiny.keras")
+    x_val = np.load(workdir / "data.npz")["x_val"]
+    y_val = np.load(workdir / "data.npz")["y_val"]
+    _, accuracy = original.evaluate(x_val, y_val, verbose=0)
+    assert rows[0]["accuracy"] == pytest.approx(accuracy, abs=1e-3)
+    assert out_csv.read_text().splitlines()[0].startswith("rank,params,param_fraction,loss,accuracy")
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert "full" in out and "fine_tuned_accuracy" in out
+
+
+def test_sweep_bad_data(capsys, workdir, tmp_path):
+    np.savez(tmp_path / "bad.npz", inputs=np.zeros((4, 10)))
+    code, _, err = _run(capsys, ["sweep", workdir / "tiny.keras", "--data", tmp_path / "bad.npz"])
+    assert code == 2
+    _assert_one_line_error(err, "`x` and `y`")
+    code, _, err = _run(capsys, ["sweep", workdir / "tiny.keras", "--data", IMDB_FIXTURE])
+    assert code == 2
+    _assert_one_line_error(err, "does not take strings")
+    code, _, err = _run(capsys, ["sweep", workdir / "tiny.keras", "--data", tmp_path / "none.npz"])
+    assert code == 2
+    _assert_one_line_error(err, "not found")
+
+
+# ---------------------------------------------------------------- imdb
+
+
+def test_imdb_is_wired_to_the_example(capsys, monkeypatch):
+    from keras_factorized import imdb_classifier
+
+    seen = {}
+    monkeypatch.setattr(imdb_classifier, "run", lambda args: seen.setdefault("args", args) and {})
+    code, _, err = _run(capsys, ["imdb", "--data", IMDB_FIXTURE, "--ranks", "8,2", "--epochs", "2"])
+    assert code == 0, err
+    args = seen["args"]
+    assert args.data == IMDB_FIXTURE and args.ranks == [8, 2] and args.epochs == 2
+
+
+def test_imdb_bad_value_is_one_line(capsys):
+    code, _, err = _run(capsys, ["imdb", "--data", IMDB_FIXTURE, "--epochs", "0"])
+    assert code == 2
+    _assert_one_line_error(err, "`epochs`")
+    code, _, err = _run(capsys, ["imdb", "--ranks", "a"])
+    assert code == 2
+    _assert_one_line_error(err, "--ranks")

@@ -19,3 +19,20 @@ from keras_factorized.layers.low_rank_einsum_dense import LowRankEinsumDense
 from keras_factorized.surgery import FactorizationReport
 from keras_factorized.surgery import factorize
 from keras_factorized.version import __version__
+
+# TensorFlow-only deployment helpers (keras_factorized.export/.distribute),
+# imported on first use so that the package imports without TensorFlow work
+# on the JAX and torch backends.
+_TENSORFLOW_ONLY = {
+    "export_for_serving": "keras_factorized.export",
+    "export_tflite": "keras_factorized.export",
+    "get_strategy": "keras_factorized.distribute",
+}
+
+
+def __getattr__(name):
+    if name in _TENSORFLOW_ONLY:
+        import importlib
+
+        return getattr(importlib.import_module(_TENSORFLOW_ONLY[name]), name)
+    raise AttributeError(f"module 'keras_factorized' has no attribute {name!r}")

@@ -32,6 +32,7 @@ import re
 import sys
 import tempfile
 import textwrap
+import warnings
 import zipfile
 from typing import Any, Iterator, Sequence
 
@@ -187,7 +188,13 @@ def load_model(path: str):
     _check_model_file(path)
     keras = _import_keras()
     try:
-        return keras.saving.load_model(path)
+        with warnings.catch_warnings():
+            # Optimizer slots saved before the first training step do not load
+            # into a built optimizer; no command here uses them.
+            warnings.filterwarnings(
+                "ignore", message="Skipping variable loading for optimizer"
+            )
+            return keras.saving.load_model(path)
     except Exception as e:  # Any failure to load is the file's problem here.
         raise UsageError(f"cannot load {path} as a Keras model: {_one_line(e, 300)}")
 

@@ -45,7 +45,12 @@ needs_surgery = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A tiny trained Embedding+LSTM+Dense model saved as .keras, and its data."""
+    """Tiny models saved as .keras, and their data.
+
+    `tiny.keras`: Embedding + LSTM + Dense (compiled, untrained: the commands
+    only read its weights). `pooled.keras`: Embedding + pooling + Dense,
+    trained a little (cheap to compile on every backend), for `sweep`.
+    """
     folder = tmp_path_factory.mktemp("cli")
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -61,8 +66,19 @@ def workdir(tmp_path_factory):
         ]
     )
     model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
-    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
     model.save(folder / "tiny.keras")
+    pooled = keras.Sequential(
+        [
+            keras.Input((10,), dtype="int32"),
+            keras.layers.Embedding(60, 16, name="embedding"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(1, activation="sigmoid", name="out"),
+        ]
+    )
+    pooled.compile(keras.optimizers.Adam(0.01), "binary_crossentropy", metrics=["accuracy"])
+    pooled.fit(x[:120], y[:120], epochs=5, batch_size=32, verbose=0)
+    pooled.save(folder / "pooled.keras")
     np.savez(folder / "data.npz", x=x[:120], y=y[:120], x_val=x[120:], y_val=y[120:])
     return folder
 
@@ -434,7 +450,7 @@ def test_sweep_npz_outputs(capsys, workdir, tmp_path):
     png, out_json, out_csv = tmp_path / "sweep.png", tmp_path / "sweep.json", tmp_path / "sweep.csv"
     code, out, err = _run(
         capsys,
-        ["sweep", workdir / "tiny.keras", "--data", workdir / "data.npz", "--ranks", "4,2",
+        ["sweep", workdir / "pooled.keras", "--data", workdir / "data.npz", "--ranks", "4,2",
          "--fine-tune-epochs", "1", "--plot", png, "--json", out_json, "--csv", out_csv, "-q"],
     )
     assert code == 0, err
@@ -444,7 +460,7 @@ def test_sweep_npz_outputs(capsys, workdir, tmp_path):
     for row in rows:
         assert 0 <= row["accuracy"] <= 1
     assert "fine_tuned_accuracy" in rows[1]
-    original = keras.saving.load_model(workdir / "tiny.keras")
+    original = keras.saving.load_model(workdir / "pooled.keras")
     x_val = np.load(workdir / "data.npz")["x_val"]
     y_val = np.load(workdir / "data.npz")["y_val"]
     _, accuracy = original.evaluate(x_val, y_val, verbose=0)

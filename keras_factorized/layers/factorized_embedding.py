@@ -37,9 +37,10 @@ class FactorizedEmbedding(keras.layers.Layer):
     Out-of-vocabulary ids (`< 0` or `>= input_dim`) behave exactly as in
     `keras.layers.Embedding`, since the lookup is the same `ops.take`: the
     TensorFlow backend raises an `InvalidArgumentError` on CPU (and returns
-    zeros on GPU), JAX returns NaN rows (its `take` fills out-of-bounds
-    gathers). Map unknown words to an OOV index (as `TextVectorization`
-    does) rather than relying on either.
+    zeros on GPU); JAX returns NaN rows for ids `>= input_dim` (its `take`
+    fills out-of-bounds gathers) and counts negative ids from the end. Map
+    unknown words to an OOV index (as `TextVectorization` does) rather than
+    relying on any of these.
 
     Args:
         input_dim: Integer. Size of the vocabulary, i.e. maximum integer

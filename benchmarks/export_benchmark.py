@@ -169,6 +169,12 @@ def run(args) -> str:
     # Keep the signatures and the op list; drop the Python-side listing of
     # the restored functions, which TF Serving does not use.
     cli = re.split(r"\n+Concrete Functions:", cli)[0]
+    # The op list is a Python set: sort it so that reruns give the same text.
+    cli = re.sub(
+        r"\{('[^}]*')\}",
+        lambda m: "{" + ", ".join(sorted(m.group(1).split(", "))) + "}",
+        cli,
+    )
 
     command = "python -m benchmarks.export_benchmark"
     if args.repeats != 30 or args.batch_size != 32:

@@ -78,13 +78,13 @@ class FactorizedEmbedding(keras.layers.Layer):
 
     >>> import numpy as np, keras
     >>> layer = FactorizedEmbedding(input_dim=1000, output_dim=64, rank=8)
-    >>> layer(np.array([[4, 20, 7]])).shape
+    >>> tuple(layer(np.array([[4, 20, 7]])).shape)
     (1, 3, 64)
     >>> layer.count_params()  # 1000*8 + 8*64
     8512
     >>> table = np.random.default_rng(0).normal(size=(1000, 64))
     >>> layer = FactorizedEmbedding.from_matrix(table, rank=16)
-    >>> layer.embeddings.shape
+    >>> tuple(layer.embeddings.shape)
     (1000, 64)
 
     References:

@@ -61,14 +61,14 @@ class LowRankDense(keras.layers.Layer):
 
     >>> import numpy as np, keras
     >>> layer = LowRankDense(units=256, rank=16, activation="relu")
-    >>> layer(np.ones((2, 512))).shape
+    >>> tuple(layer(np.ones((2, 512))).shape)
     (2, 256)
     >>> layer.count_params()  # 512*16 + 16*256 + 256
     12544
     >>> dense = keras.layers.Dense(64)
     >>> _ = dense(np.ones((1, 128)))
     >>> small = LowRankDense.from_dense(dense, rank=8)
-    >>> small.kernel.shape
+    >>> tuple(small.kernel.shape)
     (128, 64)
 
     References:

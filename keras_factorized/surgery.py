@@ -346,6 +346,8 @@ def _as_patterns(value, name):
         return None
     if isinstance(value, (str, type)):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
     value = list(value)
     for p in value:
         if not isinstance(p, (str, type)):
@@ -477,9 +479,16 @@ def _collect_statistics(model, targets, data, batch_size):
 # Ranks
 
 
-def _spectrum(t, method, damping):
+def _corrects_bias(t, bias_correction):
+    return bool(bias_correction and t.bias is not None and t.bias.size == t.shape[1])
+
+
+def _spectrum(t, method, damping, bias_correction):
     if method != "svd" and t.stats is not None:
-        return data_aware.whitened_svd(t.matrix, t.stats, damping=damping)
+        # With a bias to absorb the mean error, only the centred part of the
+        # inputs needs the rank.
+        return data_aware.whitened_svd(t.matrix, t.stats, damping=damping,
+                                       center=_corrects_bias(t, bias_correction))
     return truncated_svd(t.matrix, min(t.shape), method="lapack")
 
 
@@ -546,7 +555,7 @@ def _factors(t, split):
     return split_singular_values(s.u[:, :t.rank], s.s[:t.rank], s.vt[:t.rank], split)
 
 
-def _replacement(t, a, b):
+def _replacement(t, a, b, bias):
     from keras_factorized.layers import FactorizedEmbedding, LowRankDense
 
     layer = t.layer
@@ -559,11 +568,11 @@ def _replacement(t, a, b):
             bias_constraint=layer.bias_constraint, name=layer.name,
             dtype=layer.dtype_policy)
         new.build((None, t.shape[0]))
-        new.set_factors(a, b, t.bias)
+        new.set_factors(a, b, bias)
         return new
     if t.kind == "einsum":
         return LowRankEinsumDense.from_factors(
-            layer.equation, layer.partial_output_shape, a, b, t.bias,
+            layer.equation, layer.partial_output_shape, a, b, bias,
             kernel_shape=tuple(layer.kernel.shape), activation=layer.activation,
             bias_axes=layer.bias_axes, bias_initializer=layer.bias_initializer,
             bias_regularizer=layer.bias_regularizer,
@@ -800,6 +809,7 @@ def factorize(
     exclude=None,
     allocation: str = "greedy",
     damping: float = 0.01,
+    bias_correction: bool = True,
     split: str = "balanced",
     batch_size: int = 32,
     distillation_data=None,
@@ -862,6 +872,10 @@ def factorize(
             parameter, using the singular values (whitened ones with
             calibration data); `"uniform"` gives every layer the same ratio.
         damping: added to the diagonal of `X^T X`, as a fraction of its mean.
+        bias_correction: for `"whitened"`/`"learned"` layers with a bias, fit
+            the factors to the centred inputs and move the mean output error
+            into the bias (`b' = b + mean(X) (W - A B)`), which is the optimum
+            of the output error over factors and bias together.
         split: how singular values are shared between `A` and `B`.
         batch_size: batch size to run array calibration/distillation data.
         distillation_data: unlabelled model inputs for `"learned"`.
@@ -914,7 +928,7 @@ def factorize(
     if calibration_data is not None:
         _collect_statistics(model, targets, calibration_data, batch_size)
     for t in targets:
-        t.spectrum = _spectrum(t, method, damping)
+        t.spectrum = _spectrum(t, method, damping, bias_correction)
     _choose_ranks(targets, rank, energy, param_ratio, allocation)
 
     replacements = {}
@@ -927,16 +941,22 @@ def factorize(
             note=t.note)
         if t.rank is not None:
             a, b = _factors(t, split)
-            new = _replacement(t, a, b)
-            replacements[t.path] = new
             approx = a.astype(np.float64) @ b.astype(np.float64)
+            bias = t.bias
+            if isinstance(t.spectrum, data_aware.WhitenedSVD) and _corrects_bias(
+                    t, bias_correction):
+                bias = data_aware.corrected_bias(
+                    t.stats, t.matrix, approx, t.bias.reshape(-1)
+                ).reshape(t.bias.shape).astype(t.bias.dtype)
+            new = _replacement(t, a, b, bias)
+            replacements[t.path] = new
             row.params_after = sum(int(np.prod(w.shape)) for w in new.weights)
             row.replacement = type(new).__name__
             norm = np.linalg.norm(t.matrix)
             row.weight_error = float(np.linalg.norm(t.matrix - approx) / norm) if norm else 0.0
             if t.stats is not None:
                 row.output_error = data_aware.relative_output_error(
-                    t.stats, t.matrix, approx, t.bias, t.bias)
+                    t.stats, t.matrix, approx, t.bias, bias)
             spectrum_kind = ("whitened" if isinstance(t.spectrum, data_aware.WhitenedSVD)
                              else "svd")
             row.note = spectrum_kind

@@ -1,0 +1,309 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_factorized import FactorizedEmbedding
+from keras_factorized import LowRankDense
+from keras_factorized import LowRankEinsumDense
+from keras_factorized import factorize
+from keras_factorized.layers.low_rank_einsum_dense import EinsumFactorization
+
+RNG = np.random.default_rng(0)
+
+requires_tensorflow = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="SavedModel export is TF-only")
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _weights(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def _make_low_rank(model, rank, seed=0):
+    """Gives every Dense/EinsumDense kernel of `model` an exact rank of `rank`,
+    so that a rank-`rank` factorization must reproduce the outputs."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer) is keras.layers.Dense:
+            m, n = layer.kernel.shape
+            layer.kernel.assign(rng.normal(size=(m, rank)) @ rng.normal(size=(rank, n))
+                                / np.sqrt(m * rank))
+        elif type(layer) is keras.layers.EinsumDense:
+            f = EinsumFactorization(layer.equation)
+            shape = tuple(layer.kernel.shape)
+            m, n = f.matrix_shape(shape)
+            w = rng.normal(size=(m, rank)) @ rng.normal(size=(rank, n)) / np.sqrt(m * rank)
+            layer.kernel.assign(f.from_matrix(w, shape))
+    return model
+
+
+def _mlp():
+    return keras.Sequential([
+        keras.Input((24,)),
+        keras.layers.Dense(32, activation="relu", name="d1"),
+        keras.layers.Dense(16, name="d2"),
+        keras.layers.Dense(1, name="head"),
+    ])
+
+
+def _correlated_inputs(n, dim, seed=0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dim, dim)) * np.linspace(0.05, 2.0, dim)[None, :]
+    return (rng.normal(size=(n, dim)) @ mixing).astype("float32")
+
+
+class Block(keras.layers.Layer):
+    """A subclassed layer that holds layers (like a Transformer block)."""
+
+    def __init__(self, units=16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.inner = keras.layers.Dense(units, activation="relu")
+        self.project = keras.layers.EinsumDense("ab,bc->ac", units, bias_axes="c")
+
+    def build(self, input_shape):
+        self.inner.build(input_shape)
+        self.project.build((None, self.units))
+
+    def call(self, x):
+        return self.project(self.inner(x)) + x
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+keras.saving.register_keras_serializable(package="keras_factorized_tests")(Block)
+
+
+def _tiny_bert():
+    import keras_hub
+
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32,
+        intermediate_dim=64, max_sequence_length=16)
+
+
+def _bert_inputs(n=8, seq=16, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, seq), "int32")
+    mask[:, seq - 3:] = 0
+    return {"token_ids": rng.integers(1, 100, size=(n, seq)).astype("int32"),
+            "segment_ids": np.zeros((n, seq), "int32"), "padding_mask": mask}
+
+
+def test_sequential_full_rank_reproduces_outputs_and_original_is_untouched():
+    model = _make_low_rank(_mlp(), 4)
+    x = _correlated_inputs(16, 24)
+    before = _weights(model)
+    config = model.get_config()
+    small = factorize(model, rank=4)
+    assert [type(layer) for layer in small.layers] == [
+        LowRankDense, LowRankDense, keras.layers.Dense]
+    np.testing.assert_allclose(_np(small(x)), _np(model(x)), atol=1e-4)
+    # The original model keeps its layers, weights and config.
+    assert [type(layer) for layer in model.layers] == [keras.layers.Dense] * 3
+    for a, b in zip(before, _weights(model)):
+        np.testing.assert_array_equal(a, b)
+    assert model.get_config() == config
+
+
+def test_report_lists_every_selected_layer():
+    small = factorize(_mlp(), rank=4)
+    report = small.factorization_report
+    rows = {r.path: r for r in report.layers}
+    assert rows["d1"].rank == 4 and rows["d1"].params_after == (24 + 32) * 4 + 32
+    assert rows["d1"].params_before == 24 * 32 + 32
+    assert 0 < rows["d1"].weight_error < 1
+    assert rows["head"].rank is None and "would not save" in rows["head"].note
+    text = str(report)
+    assert "d1" in text and "kept" in text
+    as_dict = report.to_dict()
+    assert as_dict["params_before"] == report.params_before
+    assert len(as_dict["layers"]) == 3
+    assert "| d1 |" in report.to_markdown()
+
+
+def test_functional_model_with_embedding_and_include_exclude():
+    inputs = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(50, 16, name="emb")(inputs)
+    h = keras.layers.Dense(16, name="dense_a")(h)
+    outputs = keras.layers.Dense(16, name="dense_b")(h)
+    model = _make_low_rank(keras.Model(inputs, outputs), 4)
+    x = RNG.integers(0, 50, size=(4, 6))
+    small = factorize(model, rank=4, exclude="dense_b")
+    kinds = {layer.name: type(layer) for layer in small.layers}
+    assert kinds["emb"] is FactorizedEmbedding
+    assert kinds["dense_a"] is LowRankDense
+    assert kinds["dense_b"] is keras.layers.Dense
+    only = factorize(model, rank=4, include=[keras.layers.Embedding])
+    assert {type(layer) for layer in only.layers[1:]} == {FactorizedEmbedding,
+                                                          keras.layers.Dense}
+    exact = factorize(model, rank=4, include="dense")
+    np.testing.assert_allclose(_np(exact(x)), _np(model(x)), atol=1e-4)
+
+
+def test_nested_model_and_layer_holding_layers(tmp_path):
+    inner = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, name="inner_d")],
+                             name="inner")
+    inputs = keras.Input((16,))
+    h = Block(16, name="block")(inputs)
+    outputs = inner(h)
+    model = _make_low_rank(keras.Model(inputs, outputs), 3)
+    x = _correlated_inputs(8, 16)
+    small = factorize(model, rank=3)  # the kernels' exact rank: same outputs
+    np.testing.assert_allclose(_np(small(x)), _np(model(x)), atol=1e-4)
+    block = small.get_layer("block")
+    assert isinstance(block.inner, LowRankDense)
+    assert isinstance(block.project, LowRankEinsumDense)
+    assert isinstance(small.get_layer("inner").layers[0], LowRankDense)
+    assert isinstance(model.get_layer("block").inner, keras.layers.Dense)
+    # Nested replacements survive saving and loading.
+    path = os.path.join(tmp_path, "nested.keras")
+    small.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.get_layer("block").project, LowRankEinsumDense)
+    np.testing.assert_allclose(_np(loaded(x)), _np(small(x)), atol=1e-6)
+
+
+def test_keras_hub_bert_full_rank_save_load_and_original_unchanged(tmp_path):
+    pytest.importorskip("keras_hub")
+    import keras_hub
+
+    bert = _make_low_rank(_tiny_bert(), 8)
+    x = _bert_inputs()
+    before = _weights(bert)
+    expected = _np(bert(x)["sequence_output"])
+    small = factorize(bert, rank=8, include=r"self_attention_layer/(query|key|value)$")
+    assert isinstance(small, keras_hub.models.BertBackbone)
+    attention = small.get_layer("transformer_layer_0")._self_attention_layer
+    assert isinstance(attention._query_dense, LowRankEinsumDense)
+    assert tuple(attention._query_dense.kernel_a.shape) == (32, 8)
+    assert isinstance(attention._output_dense, keras.layers.EinsumDense)
+    assert small.count_params() == bert.count_params() - 6 * (32 * 32 - 64 * 8)
+    np.testing.assert_allclose(_np(small(x)["sequence_output"]), expected, atol=1e-4)
+    everything = factorize(bert, rank=8)
+    np.testing.assert_allclose(_np(everything(x)["sequence_output"]), expected, atol=1e-4)
+    for a, b in zip(before, _weights(bert)):
+        np.testing.assert_array_equal(a, b)
+    path = os.path.join(tmp_path, "bert.keras")
+    small.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, keras_hub.models.BertBackbone)
+    assert isinstance(loaded.get_layer("transformer_layer_1")._self_attention_layer
+                      ._value_dense, LowRankEinsumDense)
+    np.testing.assert_allclose(_np(loaded(x)["sequence_output"]),
+                               _np(small(x)["sequence_output"]), atol=1e-6)
+
+
+def test_whitened_beats_svd_on_output_error():
+    model = _mlp()
+    x = _correlated_inputs(256, 24)
+    kwargs = dict(rank=4, include="d1", calibration_data=x)
+    svd = factorize(model, method="svd", **kwargs).factorization_report.layers[0]
+    white = factorize(model, method="whitened", **kwargs).factorization_report.layers[0]
+    assert white.output_error < svd.output_error * 0.9
+    assert white.weight_error >= svd.weight_error  # it trades weight error away
+
+
+def test_whitened_never_worse_than_svd_on_bert_calibration_data():
+    pytest.importorskip("keras_hub")
+    bert = _tiny_bert()
+    x = _bert_inputs(16)
+    kwargs = dict(rank=8, calibration_data=x, include=r"self_attention_layer")
+    svd = factorize(bert, method="svd", **kwargs).factorization_report
+    white = factorize(bert, method="whitened", **kwargs).factorization_report
+    for s, w in zip(svd.layers, white.layers):
+        assert s.path == w.path
+        assert w.output_error <= s.output_error + 1e-6, s.path
+
+
+def test_param_ratio_budget_is_met_with_greedy_allocation():
+    model = _mlp()
+    x = _correlated_inputs(128, 24)
+    small = factorize(model, param_ratio=0.5, method="whitened", calibration_data=x,
+                      include="d1|d2")
+    report = small.factorization_report
+    assert report.param_ratio <= 0.5
+    assert report.param_ratio > 0.4  # the budget is spent, not wasted
+    uniform = factorize(model, param_ratio=0.5, allocation="uniform", include="d1|d2")
+    assert uniform.factorization_report.param_ratio <= 0.5
+
+
+def test_calibration_data_as_dataset():
+    tf = pytest.importorskip("tensorflow")
+    model = _mlp()
+    x = _correlated_inputs(64, 24)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(64))).batch(16)
+    from_ds = factorize(model, rank=4, method="whitened", calibration_data=ds,
+                        include="d1").factorization_report.layers[0]
+    from_array = factorize(model, rank=4, method="whitened", calibration_data=x,
+                           include="d1").factorization_report.layers[0]
+    np.testing.assert_allclose(from_ds.output_error, from_array.output_error, rtol=1e-4)
+
+
+def test_learned_reduces_the_end_to_end_error():
+    model = _mlp()
+    x = _correlated_inputs(256, 24)
+    kwargs = dict(rank=3, calibration_data=x, include="d1|d2")
+    white = factorize(model, method="whitened", **kwargs)
+    learned = factorize(model, method="learned", distillation_epochs=20,
+                        learning_rate=3e-3, **kwargs)
+    target = _np(model(x))
+    err_white = np.linalg.norm(_np(white(x)) - target)
+    err_learned = np.linalg.norm(_np(learned(x)) - target)
+    assert err_learned < err_white
+    assert "distillation loss" in learned.factorization_report.notes[0]
+
+
+def test_factorized_model_trains_with_fit():
+    small = factorize(_mlp(), rank=4)
+    small.compile("adam", "mse")
+    x = _correlated_inputs(32, 24)
+    history = small.fit(x, np.zeros((32, 1)), epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+
+
+@requires_tensorflow
+def test_factorized_bert_exports_saved_model(tmp_path):
+    pytest.importorskip("keras_hub")
+    import tensorflow as tf
+
+    bert = _tiny_bert()
+    small = factorize(bert, rank=8, include=r"self_attention_layer")
+    x = _bert_inputs(2)
+    path = os.path.join(tmp_path, "saved")
+    small.export(path, format="tf_saved_model", verbose=False)
+    served = tf.saved_model.load(path)
+    out = served.serve({k: tf.constant(v) for k, v in x.items()})
+    np.testing.assert_allclose(out["sequence_output"].numpy(),
+                               _np(small(x)["sequence_output"]), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=0), "`rank`"),
+        (dict(rank=2.5), "`rank`"),
+        (dict(param_ratio=1.5), "`param_ratio`"),
+        (dict(energy=0.0), "`energy`"),
+        (dict(rank=2, method="qr"), "`method`"),
+        (dict(rank=2, method="whitened"), "`calibration_data`"),
+        (dict(param_ratio=0.5, allocation="best"), "`allocation`"),
+        (dict(rank=2, include="("), "`include`"),
+        (dict(), "exactly one of"),
+        (dict(rank=2, energy=0.5), "exactly one of"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        factorize(_mlp(), **kwargs)
+
+
+def test_include_must_be_a_pattern_or_class():
+    with pytest.raises(TypeError, match="`include`"):
+        factorize(_mlp(), rank=2, include=3)

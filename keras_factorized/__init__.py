@@ -15,7 +15,7 @@ from keras_factorized.decomposition import split_singular_values
 from keras_factorized.decomposition import truncated_svd
 from keras_factorized.layers import FactorizedEmbedding
 from keras_factorized.layers import LowRankDense
-from keras_factorized.layers.low_rank_einsum_dense import LowRankEinsumDense
+from keras_factorized.layers import LowRankEinsumDense
 from keras_factorized.surgery import FactorizationReport
 from keras_factorized.surgery import factorize
 from keras_factorized.version import __version__

@@ -2,3 +2,4 @@
 
 from keras_factorized.layers.factorized_embedding import FactorizedEmbedding
 from keras_factorized.layers.low_rank_dense import LowRankDense
+from keras_factorized.layers.low_rank_einsum_dense import LowRankEinsumDense

@@ -43,8 +43,8 @@ DEFAULT_RANKS = (16, 4, 2)
 DEFAULT_SVD_RANKS = (4,)
 
 
-def _int_list(text: str) -> list[int]:
-    """Parses `"16,4,2"` (or `""` for none) into positive integers."""
+def _int_list(text: str, minimum: int = 1) -> list[int]:
+    """Parses `"16,4,2"` (or `""` for none) into integers >= `minimum`."""
     values = []
     for part in text.split(","):
         part = part.strip()
@@ -54,12 +54,16 @@ def _int_list(text: str) -> list[int]:
             value = int(part)
         except ValueError:
             value = None
-        if value is None or value < 1:
+        if value is None or value < minimum:
             raise argparse.ArgumentTypeError(
-                f"expected comma-separated positive integers, received {text!r}"
+                f"expected comma-separated integers >= {minimum}, received {text!r}"
             )
         values.append(value)
     return values
+
+
+def _seed_list(text: str) -> list[int]:
+    return _int_list(text, minimum=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -87,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--sequence-length", type=int, default=200)
     model.add_argument("--embedding-dim", type=int, default=128)
     model.add_argument("--lstm-units", type=int, default=64)
+    model.add_argument(
+        "--truncate",
+        choices=("pre", "post"),
+        default="post",
+        help="Keep the first ('post', TextVectorization's behaviour) or the last "
+        "('pre', Keras's pad_sequences) SEQUENCE_LENGTH tokens of long reviews.",
+    )
     model.add_argument(
         "--mask-zero",
         action=argparse.BooleanOptionalAction,
@@ -136,11 +147,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="Learning rate of the SVD fine-tuning (default: --learning-rate).",
     )
-    train.add_argument("--seeds", type=_int_list, default=[0], help="Comma-separated seeds, one run each.")
+    train.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds, one run each.")
     train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity.")
 
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--output-dir", default="imdb_output", help="Where results, plot and models go.")
+    run_group.add_argument("--output-dir", default=os.path.join("runs", "imdb"), help="Where results, plot and models go (default: runs/imdb).")
     run_group.add_argument(
         "--save-models",
         action="store_true",
@@ -268,24 +279,22 @@ def _has_gpu() -> bool:
     return False
 
 
-class _EpochTimer:
-    """Keras callback recording the wall time of each training epoch."""
+def _epoch_timer():
+    """A Keras callback whose `times` lists the wall time of each training epoch."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
 
-        class EpochTimer(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.times = []
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self._start = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self._start)
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.times.append(time.perf_counter() - self._start)
-
-        return EpochTimer()
+    return EpochTimer()
 
 
 def _saved_size(model, path=None) -> int:
@@ -365,13 +374,33 @@ def _vectorize(args, data):
         name="text_vectorization",
     )
     vectorizer.adapt(data.train.texts.astype(str), batch_size=1024)
+    length = args.sequence_length
+
+    def last_tokens(batch):
+        # Keeps the last `length` tokens of each review (Keras's
+        # `pad_sequences(truncating="pre")`); padding stays at the end.
+        batch = np.asarray(batch)
+        out = np.zeros((len(batch), length), dtype="int32")
+        for row, ids in enumerate(batch):
+            ids = ids[ids != 0][-length:]
+            out[row, : len(ids)] = ids
+        return out
+
+    if args.truncate == "pre":
+        # Same vocabulary, no fixed length: batches come padded to their longest review.
+        full_length = keras.layers.TextVectorization(
+            output_mode="int", vocabulary=vectorizer.get_vocabulary()
+        )
 
     def ids(texts):
         # Batches keep memory flat; ids are computed once, not every epoch.
-        chunks = [
-            np.asarray(vectorizer(texts[i : i + 4096].astype(str)))
-            for i in range(0, len(texts), 4096)
-        ]
+        chunks = []
+        for i in range(0, len(texts), 1024):
+            batch = texts[i : i + 1024].astype(str)
+            if args.truncate == "pre":
+                chunks.append(last_tokens(full_length(batch)))
+            else:
+                chunks.append(np.asarray(vectorizer(batch)))
         return np.concatenate(chunks).astype("int32")
 
     arrays = {
@@ -385,7 +414,7 @@ def _fit(model, arrays, args, *, epochs, learning_rate, early_stopping):
     import keras
 
     _compile(model, learning_rate, args.clipnorm)
-    timer = _EpochTimer()
+    timer = _epoch_timer()
     callbacks = [timer]
     if early_stopping and args.patience >= 0:
         callbacks.append(
@@ -710,7 +739,9 @@ def run(args: argparse.Namespace) -> dict:
 
         model = best[1]
         if args.export_dir:
-            export.export_for_serving(model, args.export_dir, text_vectorizer=vectorizer)
+            export.export_for_serving(
+                model, args.export_dir, text_vectorizer=vectorizer, truncate=args.truncate
+            )
             files["export_dir"] = args.export_dir
             print(f"SavedModel ({model.name}, with TextVectorization): {args.export_dir}")
         if args.tflite:
@@ -723,6 +754,7 @@ def run(args: argparse.Namespace) -> dict:
         "table": table,
         "files": files,
         "output_dir": args.output_dir,
+        "split_sizes": tuple(len(getattr(data, s).texts) for s in ("train", "validation", "test")),
         "elapsed_s": time.perf_counter() - started,
     }
 

@@ -206,6 +206,7 @@ def main(argv=None):
         svd_ranks=[4],
         output_dir=os.path.join(ROOT, "benchmarks", "out", "imdb"),
         verbose=2,
+        truncate="pre",
     )
     args = parser.parse_args(argv)
     command = "python -m benchmarks.imdb_benchmark" + (
@@ -213,9 +214,6 @@ def main(argv=None):
     ).rstrip()
     started = time.perf_counter()
     word_vectors = None
-    if not args.skip_word_vectors:
-        word_vectors = time_word_vectors()
-        print(f"word vectors: {word_vectors}")
     # One run per seed, and the section rewritten after each: a run cut short
     # by the time budget still leaves honest numbers (marked partial) behind.
     seeds, output_dir, rows = list(args.seeds), args.output_dir, []
@@ -240,6 +238,12 @@ def main(argv=None):
         if not args.no_write:
             update_section("imdb", markdown)
             print(f"Wrote the imdb section of BENCHMARKS.md ({done}/{len(seeds)} seeds)")
+    if not args.skip_word_vectors:
+        word_vectors = time_word_vectors()
+        print(f"word vectors: {word_vectors}")
+        markdown = build_markdown(combined, args, command, word_vectors, time.perf_counter() - started)
+        if not args.no_write:
+            update_section("imdb", markdown)
     print(markdown)
     return 0
 

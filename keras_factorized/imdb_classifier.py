@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument(
         "--truncate",
         choices=("pre", "post"),
-        default="post",
+        default="pre",
         help="Keep the first ('post', TextVectorization's behaviour) or the last "
         "('pre', Keras's pad_sequences) SEQUENCE_LENGTH tokens of long reviews.",
     )
@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=4, help="Maximum epochs (early stopping may stop sooner).")
+    train.add_argument("--epochs", type=int, default=3, help="Maximum epochs (early stopping may stop sooner).")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--clipnorm", type=float, default=1.0, help="Gradient clipping norm (0: off).")

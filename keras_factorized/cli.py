@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -418,33 +419,39 @@ def _rank_text(args) -> str:
 
 
 def _cmd_export(args) -> int:
-    export_dir = args.export_dir
-    parent = os.path.dirname(os.path.abspath(export_dir))
+    export_dir = os.path.abspath(args.export_dir)
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
-        raise UsageError(f"export path {export_dir} exists and is not a folder")
-    if not os.path.isdir(parent):
-        raise UsageError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder is not writable: {parent}")
+        raise UsageError(f"export path {args.export_dir} exists and is not a folder")
+    # The folders that do not exist yet (created like `mkdir -p`, removed again
+    # if the export fails).
+    first_new, existing = None, export_dir
+    while not os.path.exists(existing):
+        first_new, existing = existing, os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UsageError(f"cannot create folders in {existing} (not a writable folder)")
     model = load_model(args.model)
     try:
         from keras_factorized.export import export_for_serving
     except ImportError as e:
         raise UsageError(f"export needs TensorFlow: {_one_line(e)}")
-    bar = _progbar(1, args.quiet)
+    print(f"Exporting {args.model} to {args.export_dir} (merge factors: {args.merge})")
+    bar = _progbar(1, args.quiet, unit_name="model")
     try:
-        result = export_for_serving(
+        version_dir = export_for_serving(
             model,
             export_dir,
             version=args.version,
             merge_factors=args.merge,
             overwrite=args.overwrite,
         )
-    except (ValueError, TypeError, FileExistsError, RuntimeError) as e:
-        raise UsageError(_one_line(e))
+    except BaseException as e:
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        if isinstance(e, (ValueError, TypeError, FileExistsError, RuntimeError)):
+            raise UsageError(_one_line(e)) from e
+        raise
     bar.update(1)
-    where = result if isinstance(result, (str, os.PathLike)) else export_dir
-    print(f"Exported {args.model} to {os.fspath(where)}")
+    print(f"Wrote SavedModel {version_dir}")
     return 0
 
 
@@ -607,7 +614,12 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str, title: str | None = No
         for r in cut:
             ax.annotate(f"r={r['rank']}", (r["params"], r[metric]), textcoords="offset points", xytext=(4, -10), fontsize="small")
         if base:
-            ax.axhline(base[0][metric], color="gray", linestyle="--", label="original model")
+            ax.axhline(base[0][metric], color="C0", linestyle="--", label="original model")
+            if tuned_key in base[0]:
+                ax.axhline(
+                    base[0][tuned_key], color="C1", linestyle="--",
+                    label="original, fine-tuned alike",
+                )
             ax.axvline(base[0]["params"], color="gray", linestyle=":")
         ax.set_xscale("log")
         ax.set_xlabel("parameters (whole model)")
@@ -636,7 +648,20 @@ def _cmd_sweep(args) -> int:
     _compile_for_sweep(model, model, args.loss)
     print(f"Evaluating the original model ({base_params:,} parameters) on {len(x_val):,} samples")
     base = _evaluate(model, x_val, y_val, args.batch_size, args.quiet)
-    rows = [_sweep_row("full", model, base_params, base)]
+    tuned = None
+    if args.fine_tune_epochs:
+        # The same extra training for the original, or the comparison flatters
+        # the compressed models.
+        print(f"Fine-tuning the original model for {args.fine_tune_epochs} epoch(s)")
+        original = load_model(args.model)
+        _compile_for_sweep(original, model, args.loss)
+        original.fit(
+            x, y, batch_size=args.batch_size, epochs=args.fine_tune_epochs,
+            verbose=0 if args.quiet else 1,
+        )
+        tuned = _evaluate(original, x_val, y_val, args.batch_size, args.quiet)
+        del original
+    rows = [_sweep_row("full", model, base_params, base, tuned)]
     metric = _metric_name(base)
     for i, rank in enumerate(args.ranks, start=1):
         print(f"[{i}/{len(args.ranks)}] rank {rank}")

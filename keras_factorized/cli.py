@@ -439,7 +439,7 @@ def _cmd_export(args) -> int:
     try:
         version_dir = export_for_serving(
             model,
-            export_dir,
+            args.export_dir,
             version=args.version,
             merge_factors=args.merge,
             overwrite=args.overwrite,
@@ -447,7 +447,12 @@ def _cmd_export(args) -> int:
     except BaseException as e:
         if first_new is not None:
             shutil.rmtree(first_new, ignore_errors=True)
-        if isinstance(e, (ValueError, TypeError, FileExistsError, RuntimeError)):
+        if isinstance(e, FileExistsError):
+            raise UsageError(
+                f"version {args.version} already exists in {args.export_dir}; pass "
+                "--overwrite to replace it, or leave out --version for the next one"
+            ) from e
+        if isinstance(e, (ValueError, TypeError, RuntimeError)):
             raise UsageError(_one_line(e)) from e
         raise
     bar.update(1)

@@ -377,24 +377,25 @@ def export_for_serving(
 
     Example:
 
-    ```python
-    import keras, tempfile
-    from keras_factorized import FactorizedEmbedding, LowRankDense
-    from keras_factorized.export import export_for_serving
+    >>> import os, tempfile, keras
+    >>> from keras_factorized import FactorizedEmbedding, LowRankDense
+    >>> model = keras.Sequential([
+    ...     keras.Input((20,), dtype="int32"),
+    ...     FactorizedEmbedding(1000, 32, rank=4),
+    ...     keras.layers.GlobalAveragePooling1D(),
+    ...     LowRankDense(1, rank=1, activation="sigmoid"),
+    ... ])
+    >>> base = tempfile.mkdtemp()
+    >>> os.path.basename(export_for_serving(model, base))
+    '1'
+    >>> os.path.basename(export_for_serving(model, base, merge_factors=True))
+    '2'
 
-    model = keras.Sequential([
-        keras.Input((20,), dtype="int32"),
-        FactorizedEmbedding(1000, 32, rank=4),
-        keras.layers.GlobalAveragePooling1D(),
-        LowRankDense(1, rank=1, activation="sigmoid"),
-    ])
-    base = tempfile.mkdtemp()
-    export_for_serving(model, base)                      # base/1
-    export_for_serving(model, base, merge_factors=True)  # base/2
-    # Serve: docker run -p 8501:8501 --mount \
-    #   type=bind,source=$base,target=/models/imdb -e MODEL_NAME=imdb \
-    #   tensorflow/serving
-    ```
+    Then serve `base` with `docker run -p 8501:8501 --mount
+    type=bind,source=$base,target=/models/imdb -e MODEL_NAME=imdb
+    tensorflow/serving` and POST `{"instances": [[3, 1, 4, ...]]}` (here:
+    token ids; raw strings for a text signature) to
+    `http://localhost:8501/v1/models/imdb:predict`.
     """
     _check_backend("export_for_serving")
     _check_version(version)
@@ -477,10 +478,11 @@ def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
 
     Example:
 
-    ```python
-    ops = saved_model_ops(export_for_serving(model, "/tmp/imdb"))
-    assert not ops & PYTHON_OPS
-    ```
+    >>> import tempfile, keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> ops = saved_model_ops(export_for_serving(model, tempfile.mkdtemp()))
+    >>> "MatMul" in ops, sorted(ops & PYTHON_OPS)
+    (True, [])
     """
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -570,15 +572,21 @@ def export_tflite(
 
     Example:
 
-    ```python
-    import numpy as np, tensorflow as tf
-    from keras_factorized.export import export_tflite
-
-    export_tflite(model, "/tmp/imdb.tflite")  # batch 1, seq from the model
-    interpreter = tf.lite.Interpreter(model_path="/tmp/imdb.tflite")
-    runner = interpreter.get_signature_runner()
-    probability = runner(inputs=token_ids[None].astype("int32"))["predictions"]
-    ```
+    >>> import os, tempfile, warnings, keras, numpy as np
+    >>> from keras_factorized import FactorizedEmbedding
+    >>> model = keras.Sequential([
+    ...     keras.Input((20,), dtype="int32"),
+    ...     FactorizedEmbedding(1000, 32, rank=4, mask_zero=True),
+    ...     keras.layers.LSTM(8),
+    ...     keras.layers.Dense(1, activation="sigmoid"),
+    ... ])
+    >>> path = export_tflite(model, os.path.join(tempfile.mkdtemp(), "m.tflite"))
+    >>> with warnings.catch_warnings():  # tf.lite.Interpreter is deprecated
+    ...     warnings.simplefilter("ignore")
+    ...     runner = tf.lite.Interpreter(model_path=path).get_signature_runner()
+    >>> token_ids = np.arange(1, 21, dtype="int32")
+    >>> runner(inputs=token_ids[None])["predictions"].shape  # batch 1
+    (1, 1)
     """
     _check_backend("export_tflite")
     if batch_size is not None and (

@@ -185,3 +185,10 @@ def test_make_tf_config():
     workers = configs[0]["cluster"]["worker"]
     assert len(set(workers)) == 2 and all(w.startswith("127.0.0.1:") for w in workers)
     assert [c["task"]["index"] for c in configs] == [0, 1]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(distribute, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -359,3 +359,10 @@ def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError, match="export_dir"):
         export.export_for_serving(model, tmp_path / "file")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(export, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -366,3 +366,12 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(export, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_other_backends_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(export.keras.backend, "backend", lambda: "jax")
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow.*Received: backend=jax"):
+        export.export_for_serving(both_layers_model(), tmp_path)
+    with pytest.raises(RuntimeError, match="Received: backend=jax"):
+        export.export_tflite(both_layers_model(), tmp_path / "m.tflite")
+    assert os.listdir(tmp_path) == []

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from keras_factorized import imdb_classifier
@@ -119,3 +120,21 @@ def test_example_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "baseline" in proc.stdout and str(out) in proc.stdout
     assert (out / "results.csv").exists()
+
+
+@pytest.mark.parametrize("truncate", ["pre", "post"])
+def test_truncate_keeps_the_last_or_first_tokens(truncate):
+    from keras_factorized.datasets import imdb
+
+    args = parse(["--truncate", truncate, "--sequence-length", "5", "--vocab-size", "50"])
+    data = imdb.ImdbData(
+        imdb.Split(np.array(["a b c d e f g h", "a b"], dtype=object), [0, 1]),
+        imdb.Split(np.array(["a"], dtype=object), [0]),
+        imdb.Split(np.array(["h g"], dtype=object), [1]),
+    )
+    vectorizer, arrays = imdb_classifier._vectorize(args, data)
+    vocab = vectorizer.get_vocabulary()
+    words = [[vocab[i] for i in row if i] for row in arrays["train"][0]]
+    expected = ["d", "e", "f", "g", "h"] if truncate == "pre" else ["a", "b", "c", "d", "e"]
+    assert words == [expected, ["a", "b"]]
+    assert list(arrays["train"][0][1][2:]) == [0, 0, 0]  # padding stays at the end

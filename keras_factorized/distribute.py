@@ -31,6 +31,12 @@ start of the program, before any other TensorFlow op runs (collective ops are
 configured when the TensorFlow runtime starts). Every worker must see the same
 number of steps (shard or repeat the dataset), and only the chief
 (`is_chief()`) should write files shared by all workers.
+
+Known limitation (Keras 3.15): when `fit`/`evaluate` first builds the model it
+averages the first batch across workers, which fails ("Shape mismatch in the
+collective instance") if that batch splits unevenly between them, i.e. when
+the whole dataset is smaller than one global batch and not divisible by the
+number of workers. Real training sets always fill the first batch.
 """
 
 from __future__ import annotations

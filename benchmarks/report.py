@@ -13,6 +13,8 @@ import tempfile
 BENCHMARKS_MD = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md"
 )
+# Set to write the sections into another file (the smoke tests use a copy).
+BENCHMARKS_MD_ENV = "KERAS_FACTORIZED_BENCHMARKS_MD"
 
 
 def atomic_write_text(path, text):
@@ -29,8 +31,13 @@ def atomic_write_text(path, text):
         raise
 
 
-def update_section(name, markdown, path=BENCHMARKS_MD):
-    """Replaces the section `name` of BENCHMARKS.md (appends it when missing)."""
+def update_section(name, markdown, path=None):
+    """Replaces the section `name` of BENCHMARKS.md (appends it when missing).
+
+    `path` defaults to `$KERAS_FACTORIZED_BENCHMARKS_MD`, else the repository's
+    BENCHMARKS.md.
+    """
+    path = path or os.environ.get(BENCHMARKS_MD_ENV) or BENCHMARKS_MD
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
@@ -61,6 +68,27 @@ def machine_description():
     except ImportError:
         pass
     return ", ".join(parts)
+
+
+def blas_description():
+    """The BLAS NumPy/SciPy run on: library, CPU kernel and threads (threadpoolctl)."""
+    try:
+        import numpy  # noqa: F401
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS unknown"
+    seen = []
+    for info in threadpool_info():
+        if info.get("user_api") != "blas":
+            continue
+        text = (
+            f"{info.get('internal_api')} {info.get('version')} "
+            f"({info.get('architecture')} kernel, {info.get('num_threads')} threads)"
+        )
+        if text not in seen:
+            seen.append(text)
+    return "BLAS: " + ("; ".join(seen) or "unknown")
 
 
 def markdown_table(headers, rows):

@@ -304,49 +304,66 @@ def _frobenius_sq(matrix) -> float:
     return total
 
 
+def _gram_float64(y, block_rows=16384):
+    """`y.T @ y` accumulated in float64, converting `y` one row block at a time."""
+    if y.dtype == np.float64:
+        return y.T @ y
+    gram = np.zeros((y.shape[1], y.shape[1]))
+    for start in range(0, y.shape[0], block_rows):
+        block = y[start : start + block_rows].astype(np.float64)
+        gram += block.T @ block
+    return gram
+
+
 def _svd_gram(matrix, rank):
     """Exact truncated SVD of a dense matrix through its Gram matrix.
 
     Two passes over `matrix` (one for `M^T M`, one for `M V`); the rest works
     on `n x n` and `k x k` matrices. Measured on a 250,000 x 768 float32
-    matrix at rank 128 (2 cores), it ran 6x faster than scikit-learn's
-    randomized `TruncatedSVD` and about 25x faster than LAPACK's full SVD, at
-    the optimal error (see `benchmarks/svd_benchmark.py`).
+    matrix at rank 128 (2 shared cores), it ran about 5x faster than
+    scikit-learn's randomized `TruncatedSVD` and 20x faster than LAPACK's
+    full SVD, at the optimal error (`python -m benchmarks --only svd`).
+
+    Returns:
+        `(u, s, vt, frobenius_norm_sq)`; `||M||_F^2` is the trace of the Gram
+        matrix, which saves a third pass over `matrix`.
     """
     transpose = matrix.shape[0] < matrix.shape[1]
     m = matrix.T if transpose else matrix
     dtype = m.dtype
-    # Pass 1: Gram matrix in the input precision (BLAS syrk/gemm), then float64.
+    # Pass 1: `m.T @ m` of a C- or F-ordered array is one BLAS `syrk` (half the
+    # work of a general product), in the input precision.
     gram = (m.T @ m).astype(np.float64)
+    frob = float(np.trace(gram))
     n = gram.shape[0]
     _, vecs = scipy.linalg.eigh(
         gram, subset_by_index=(n - rank, n - 1), driver="evr", check_finite=False
     )
-    v = vecs[:, ::-1].astype(dtype)
+    v = np.ascontiguousarray(vecs[:, ::-1])
     # Pass 2: Y = M V spans the left subspace. A Rayleigh-Ritz step on Y (the
-    # eigen-decomposition of the small k x k matrix Y^T Y, formed in float64)
-    # gives orthonormal U and restores the accuracy the squared condition
-    # number of the Gram matrix cost. It is several times faster than a QR of
-    # the tall Y (measured: 0.1 s against 5 s on 250,000 x 128 float32).
-    y = m @ v
-    y64 = y.astype(np.float64)
-    sq, w = scipy.linalg.eigh(y64.T @ y64, check_finite=False)
+    # eigen-decomposition of the small k x k matrix Y^T Y, accumulated in
+    # float64) gives orthonormal U and accurate singular values, which the
+    # squared condition number of the Gram matrix alone would not. Y and U stay
+    # in the input precision, and Y^T Y is summed over row blocks: converting
+    # the whole tall Y to float64 took longer than the float32 product itself.
+    y = m @ v.astype(dtype)
+    sq, w = scipy.linalg.eigh(_gram_float64(y), check_finite=False)
     sq, w = sq[::-1], w[:, ::-1]
     s = np.sqrt(np.clip(sq, 0.0, None))
     if s[-1] <= s[0] * np.sqrt(np.finfo(dtype).eps):
         # Rank < k (or nearly): U is not defined by Y alone there; QR completes
         # it with an orthonormal basis.
-        q, r = scipy.linalg.qr(y64, mode="economic", check_finite=False)
+        q, r = scipy.linalg.qr(y.astype(np.float64), mode="economic", check_finite=False)
         ur, s, wt = scipy.linalg.svd(r, check_finite=False)
         u = (q @ ur).astype(dtype)
-        vt = (wt @ v.T.astype(np.float64)).astype(dtype)
+        vt = (wt @ v.T).astype(dtype)
     else:
-        u = ((y64 @ w) / s[None, :]).astype(dtype)
-        vt = (v.astype(np.float64) @ w).T.astype(dtype)
-    del y64
+        u = y @ (w / s[None, :]).astype(dtype)
+        vt = (v @ w).T.astype(dtype)
+    del y
     if transpose:
         u, vt = vt.T, u.T
-    return u, s.astype(dtype), vt
+    return u, s.astype(dtype), vt, frob
 
 
 def _svd_lapack(matrix, rank):
@@ -452,7 +469,8 @@ def truncated_svd(
         raise _invalid(
             "method", "'auto', 'randomized' or 'arpack' for a sparse matrix", method
         )
-    frob = _frobenius_sq(matrix)
+    # The Gram path gets `||M||_F^2` for free from its Gram matrix.
+    frob = None if method == "gram" else _frobenius_sq(matrix)
 
     if energy is not None:
         # Energy needs the spectrum: exact methods compute it all (cheap from the
@@ -464,10 +482,12 @@ def truncated_svd(
         rank_for_energy(np.zeros(1), energy)  # validates `energy`
         while True:
             res = _run_method(matrix, k, method, random_state, frob)
-            needed = rank_for_energy(res.s, energy, frob)
+            needed = rank_for_energy(res.s, energy, res.frobenius_norm_sq)
             if needed <= k or k == max_rank:
                 k = min(needed, max_rank)
-                return SVDResult(res.u[:, :k], res.s[:k], res.vt[:k], frob)
+                return SVDResult(
+                    res.u[:, :k], res.s[:k], res.vt[:k], res.frobenius_norm_sq
+                )
             k = min(max_rank, max(2 * k, needed))
     k = resolve_rank(shape, rank=rank, param_ratio=param_ratio)
     return _run_method(matrix, k, method, random_state, frob)
@@ -475,7 +495,7 @@ def truncated_svd(
 
 def _run_method(matrix, k, method, random_state, frob) -> SVDResult:
     if method == "gram":
-        result = _svd_gram(matrix, k)
+        *result, frob = _svd_gram(matrix, k)
     elif method == "lapack":
         result = _svd_lapack(matrix, k)
     elif method == "randomized":

@@ -1,0 +1,79 @@
+"""Timing helpers shared by the performance benchmarks.
+
+Every speed figure is a ratio against a baseline timed in the same rounds:
+`time_interleaved` runs the candidates round-robin, so a change of load on the
+shared machine hits all of them alike, and reports medians.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+
+def time_interleaved(
+    functions: dict[str, Callable[[], object]],
+    repeats: int = 5,
+    min_seconds: float = 0.02,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin.
+
+    Args:
+        functions: name -> function of no argument (it must block until its
+            result is computed).
+        repeats: number of rounds; each round times every function once.
+        min_seconds: each timed sample loops over the function until about
+            this long, so that fast calls are not lost in the timer's noise.
+        warmup: untimed calls of each function first (tracing, compilation,
+            caches).
+
+    Returns:
+        name -> median seconds of one call.
+    """
+    loops = {}
+    for name, fn in functions.items():
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        loops[name] = max(1, min(1000, int(min_seconds / max(once, 1e-7))))
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            n = loops[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def load_average() -> str:
+    """The 1-minute load average, as text (the machine is shared)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
+
+
+def goal(met: bool) -> str:
+    return "**met**" if met else "**missed**"
+
+
+def fmt_seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def fmt_bytes(size: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{int(size)} B"

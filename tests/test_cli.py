@@ -5,6 +5,7 @@ console script and `python -m keras_factorized` as real subprocesses to check
 the exit status and the one-line error on stderr.
 """
 
+import doctest
 import json
 import os
 import re
@@ -539,3 +540,9 @@ def test_sweep_imdb_reviews_with_string_model(capsys, tmp_path):
     rows = json.loads(out_json.read_text())
     assert [r["rank"] for r in rows] == ["full", 2]
     assert rows[1]["params"] < rows[0]["params"]
+
+
+@pytest.mark.parametrize("module", [spectrum, cli], ids=["spectrum", "cli"])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

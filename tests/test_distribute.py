@@ -54,7 +54,7 @@ TRAIN = textwrap.dedent(
         model = keras.Sequential([
             keras.Input((10,), dtype="int32"),
             FactorizedEmbedding(50, 8, rank=3, mask_zero=True),
-            keras.layers.LSTM(6),
+            keras.layers.GlobalAveragePooling1D(),
             LowRankDense(6, rank=2, activation="relu"),
             keras.layers.Dense(1, activation="sigmoid"),
         ])

@@ -190,31 +190,31 @@ def test_python_dash_m(capsys, monkeypatch, tmp_path):
 # ---------------------------------------------------------------- bad model files
 
 
-@pytest.mark.parametrize("kind", ["missing", "text", "zip", "folder"])
 @pytest.mark.parametrize("command", ["inspect", "compress", "export", "sweep"])
-def test_bad_model_file(capsys, tmp_path, kind, command):
-    path = tmp_path / "model.keras"
-    if kind == "text":
-        path.write_text("not a model")
-    elif kind == "zip":
-        with zipfile.ZipFile(path, "w") as archive:
-            archive.writestr("hello.txt", "hi")
-    elif kind == "folder":
-        path.mkdir()
+def test_bad_model_file(capsys, tmp_path, command):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 10)), y=np.zeros(4))
     extra = {
         "inspect": [],
         "compress": ["-o", tmp_path / "out.keras", "--rank", "2"],
         "export": [tmp_path / "export"],
         "sweep": ["--data", tmp_path / "d.npz"],
     }[command]
-    if command == "sweep":
-        np.savez(tmp_path / "d.npz", x=np.zeros((4, 10)), y=np.zeros(4))
-    code, _, err = _run(capsys, [command, path, *extra])
-    assert code == 2
-    expected = "not found" if kind == "missing" else "not a Keras model"
-    _assert_one_line_error(err, expected, str(path))
-    assert not (tmp_path / "out.keras").exists()
-    assert not (tmp_path / "export").exists()
+    (tmp_path / "text.keras").write_text("not a model")
+    with zipfile.ZipFile(tmp_path / "zip.keras", "w") as archive:
+        archive.writestr("hello.txt", "hi")
+    (tmp_path / "folder.keras").mkdir()
+    for name, expected in [
+        ("missing.keras", "not found"),
+        ("text.keras", "not a Keras model"),
+        ("zip.keras", "not a Keras model"),
+        ("folder.keras", "not a Keras model"),
+    ]:
+        path = tmp_path / name
+        code, _, err = _run(capsys, [command, path, *extra])
+        assert code == 2, name
+        _assert_one_line_error(err, expected, str(path))
+        assert not (tmp_path / "out.keras").exists()
+        assert not (tmp_path / "export").exists()
 
 
 def test_unreadable_model(capsys, tmp_path, workdir, monkeypatch):

@@ -327,9 +327,11 @@ def _saved_size(model, path=None) -> int:
 def _set_precision(enabled: bool) -> str:
     import keras
 
-    policy = ("mixed_float16" if _has_gpu() else "mixed_bfloat16") if enabled else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
+    if enabled:
+        keras.mixed_precision.set_global_policy(
+            "mixed_float16" if _has_gpu() else "mixed_bfloat16"
+        )
+    return keras.mixed_precision.global_policy().name
 
 
 def _validate(args):

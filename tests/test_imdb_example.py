@@ -138,3 +138,35 @@ def test_truncate_keeps_the_last_or_first_tokens(truncate):
     expected = ["d", "e", "f", "g", "h"] if truncate == "pre" else ["a", "b", "c", "d", "e"]
     assert words == [expected, ["a", "b"]]
     assert list(arrays["train"][0][1][2:]) == [0, 0, 0]  # padding stays at the end
+
+
+@pytest.mark.skipif(
+    __import__("keras").backend.backend() != "tensorflow",
+    reason="SavedModel/TFLite export and tf.distribute are TensorFlow-only",
+)
+def test_export_and_strategy_flags_call_the_helpers(monkeypatch, tmp_path):
+    from keras_factorized import distribute, export
+
+    calls = {}
+    monkeypatch.setattr(
+        export, "export_for_serving",
+        lambda model, export_dir, **kw: calls.update(serving=(model.name, export_dir, kw)),
+    )
+    monkeypatch.setattr(export, "export_tflite", lambda model, path: calls.update(tflite=(model.name, path)))
+    real_get_strategy = distribute.get_strategy
+    monkeypatch.setattr(
+        distribute, "get_strategy",
+        lambda name: calls.update(strategy=name) or real_get_strategy("default"),
+    )
+    args = parse(
+        ["--data", FIXTURE, "--max-samples", "40", "--ranks", "2", "--svd-ranks", "",
+         "--strategy", "mirrored", "--export-dir", str(tmp_path / "serving"),
+         "--tflite", str(tmp_path / "m.tflite"), "--output-dir", str(tmp_path)] + TINY
+    )
+    results = imdb_classifier.run(args)
+    assert calls["strategy"] == "mirrored"
+    name, export_dir, kwargs = calls["serving"]
+    assert name == "rank2" and export_dir == str(tmp_path / "serving")
+    assert kwargs["truncate"] == "pre" and kwargs["text_vectorizer"].name == "text_vectorization"
+    assert calls["tflite"] == ("rank2", str(tmp_path / "m.tflite"))
+    assert results["files"]["tflite"] == str(tmp_path / "m.tflite")

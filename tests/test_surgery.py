@@ -307,3 +307,14 @@ def test_invalid_arguments(kwargs, match):
 def test_include_must_be_a_pattern_or_class():
     with pytest.raises(TypeError, match="`include`"):
         factorize(_mlp(), rank=2, include=3)
+
+
+def test_bias_correction_lowers_the_layer_output_error():
+    inputs = keras.Input((16,))
+    outputs = keras.layers.Dense(16, bias_initializer="ones", name="d")(inputs)
+    model = keras.Model(inputs, outputs)
+    x = _correlated_inputs(256, 16) + 3.0  # inputs with a large mean
+    kwargs = dict(rank=3, method="whitened", calibration_data=x)
+    plain = factorize(model, **kwargs).factorization_report.layers[0]
+    corrected = factorize(model, bias_correction=True, **kwargs).factorization_report
+    assert corrected.layers[0].output_error < plain.output_error

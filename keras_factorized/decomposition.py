@@ -271,7 +271,9 @@ def _check_matrix(matrix):
             )
     elif array.dtype not in (np.float32, np.float64):
         array = array.astype(np.float32)
-    if not np.all(np.isfinite(array)):
+    # The sum is finite only if every entry is (NaN and Inf propagate): one
+    # pass with no temporary; the exact test runs only if it is not (overflow).
+    if not np.isfinite(array.sum()) and not np.all(np.isfinite(array)):
         raise ValueError(
             "Received an invalid value for `matrix`, expected finite values. "
             "Received: a matrix containing NaN or Inf"
@@ -285,10 +287,22 @@ def _fix_signs(u, vt):
     The same convention as scikit-learn's `svd_flip(u_based_decision=True)`,
     so the same matrix always gives the same factors whatever the solver.
     """
-    idx = np.argmax(np.abs(u), axis=0)
-    signs = np.sign(u[idx, np.arange(u.shape[1])])
-    signs[signs == 0] = 1
-    return u * signs[None, :], vt * signs[:, None]
+    # Column maxima and minima are fast reductions over the rows; an argmax
+    # down the columns of a tall C-ordered `u` took as long as the SVD's
+    # second pass. Only exact ties |max| == |min| need the argmax.
+    high, low = u.max(axis=0), u.min(axis=0)
+    signs = np.where(high >= -low, 1.0, -1.0)
+    for j in np.nonzero(high == -low)[0]:
+        pivot = u[np.argmax(np.abs(u[:, j])), j]
+        signs[j] = -1.0 if pivot < 0 else 1.0
+    if np.all(signs > 0):
+        return u, vt
+    signs = signs.astype(u.dtype)
+    if u.flags.writeable and u.flags.owndata:
+        u *= signs[None, :]
+    else:
+        u = u * signs[None, :]
+    return u, vt * signs[:, None].astype(vt.dtype)
 
 
 def _frobenius_sq(matrix) -> float:
@@ -358,7 +372,12 @@ def _svd_gram(matrix, rank):
         u = (q @ ur).astype(dtype)
         vt = (wt @ v.T).astype(dtype)
     else:
-        u = y @ (w / s[None, :]).astype(dtype)
+        # U = Y W S^-1, written over Y one row block at a time (no second
+        # tall array).
+        rotation = (w / s[None, :]).astype(dtype)
+        for start in range(0, y.shape[0], 16384):
+            y[start : start + 16384] = y[start : start + 16384] @ rotation
+        u = y
         vt = (v @ w).T.astype(dtype)
     del y
     if transpose:

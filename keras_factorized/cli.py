@@ -997,10 +997,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    show_traceback = "--traceback" in argv
+    show_traceback = False  # Argument errors are always one line.
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
+        show_traceback = args.traceback
         return int(args.func(args) or 0)
     except UsageError as e:
         if show_traceback:

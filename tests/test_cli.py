@@ -546,3 +546,11 @@ def test_sweep_imdb_reviews_with_string_model(capsys, tmp_path):
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_traceback_flag_shows_the_traceback(capsys, tmp_path):
+    with pytest.raises(cli.UsageError, match="model file not found"):
+        cli.main(["--traceback", "inspect", str(tmp_path / "none.keras")])
+    code, _, err = _run(capsys, ["inspect", "--traceback", "m.keras"])
+    assert code == 2  # the flag goes before the command; misplaced, it is a usage error
+    _assert_one_line_error(err, "unrecognized arguments: --traceback")

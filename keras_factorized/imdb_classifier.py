@@ -304,9 +304,9 @@ def _saved_size(model, path=None) -> int:
     the Adam moments. When `path` is given the file is kept there (written to
     a temporary name in the same folder, then renamed into place).
     """
-    import keras
-
-    clone = keras.models.clone_model(model)
+    # `clone_model` would copy the compiled optimizer (its Adam moments triple
+    # the file); a model rebuilt from its config is not compiled.
+    clone = model.__class__.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     folder = os.path.dirname(os.path.abspath(path)) if path else None
     if folder:

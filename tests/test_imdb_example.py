@@ -170,3 +170,12 @@ def test_export_and_strategy_flags_call_the_helpers(monkeypatch, tmp_path):
     assert kwargs["truncate"] == "pre" and kwargs["text_vectorizer"].name == "text_vectorization"
     assert calls["tflite"] == ("rank2", str(tmp_path / "m.tflite"))
     assert results["files"]["tflite"] == str(tmp_path / "m.tflite")
+
+
+def test_saved_size_excludes_optimizer_state():
+    model = imdb_classifier.build_classifier(2000, 10, 32, 4, rank=None)
+    imdb_classifier._compile(model, 1e-3, 1.0)
+    model.fit(np.ones((8, 10), "int32"), np.ones(8), epochs=1, verbose=0)
+    weights_bytes = 4 * model.count_params()
+    # With Adam's two moments the file would be about 3x the weights.
+    assert weights_bytes < imdb_classifier._saved_size(model) < 1.5 * weights_bytes

@@ -49,11 +49,22 @@ def _layers(m, n, ranks, seed=0):
     return layers
 
 
-def _runner(layer, x, mode: str, variant: str, call=None):
-    """A function of no argument running `layer` on `x` the given way."""
+def _runner(layer, x, mode: str, variant: str, call=None, depth=1):
+    """A function of no argument running `layer` on `x` the given way.
+
+    With `depth > 1` the layer is applied `depth` times in a row (m = n), as
+    in a stack of layers: one function call then runs `depth` layers, so the
+    fixed cost of calling a `tf.function` from Python (paid once per step by a
+    whole model) is not charged to each layer. Divide the time by `depth`.
+    """
     import tensorflow as tf
 
-    call = call or layer
+    layer_call = call or layer
+
+    def call(inputs):
+        for _ in range(depth):
+            inputs = layer_call(inputs)
+        return inputs
 
     def forward(inputs):
         return call(inputs)
@@ -73,8 +84,11 @@ def _runner(layer, x, mode: str, variant: str, call=None):
 
 
 def time_grid(sizes, rank_divisors, batches, modes, variant="graph", repeats=5,
-              min_seconds=0.02, verbose=True) -> list[dict]:
-    """Dense and its low-rank versions at every size, batch and mode."""
+              min_seconds=0.02, depth=4, verbose=True) -> list[dict]:
+    """Dense and its low-rank versions at every size, batch and mode.
+
+    Times are per layer, in a stack of `depth` layers run by one call.
+    """
     import tensorflow as tf
 
     rows = []
@@ -84,14 +98,17 @@ def time_grid(sizes, rank_divisors, batches, modes, variant="graph", repeats=5,
         for batch in batches:
             x = tf.random.stateless_normal((batch, m), seed=(1, batch))
             for mode in modes:
-                fns = {key: _runner(layer, x, mode, variant) for key, layer in layers.items()}
+                fns = {key: _runner(layer, x, mode, variant, depth=depth)
+                       for key, layer in layers.items()}
                 times = _common.time_interleaved(fns, repeats=repeats, min_seconds=min_seconds)
+                times = {key: t / depth for key, t in times.items()}
                 for k in ranks:
                     theory = theoretical_speedup(m, m, k)
                     speedup = times["dense"] / times[k]
                     rows.append({
                         "m": m, "n": m, "k": k, "batch": batch, "mode": mode,
-                        "variant": variant, "dense_seconds": times["dense"],
+                        "variant": variant, "depth": depth,
+                        "dense_seconds": times["dense"],
                         "low_rank_seconds": times[k], "speedup": speedup,
                         "theoretical": theory, "fraction": speedup / theory,
                     })
@@ -123,12 +140,18 @@ def compare_variants(m=2048, k=128, batch=256, repeats=5, min_seconds=0.02,
             fns[("Dense", variant)] = _runner(dense, x, mode, variant)
             fns[("LowRankDense (x A) B", variant)] = _runner(low, x, mode, variant)
         fns[("LowRankDense x (A B)", "graph")] = _runner(low, x, mode, "graph", merged_first)
+        for name, layer in (("Dense", dense), ("LowRankDense (x A) B", low)):
+            fns[(name, "graph, stack of 4")] = _runner(layer, x, mode, "graph", depth=4)
         times = _common.time_interleaved(fns, repeats=repeats, min_seconds=min_seconds)
+        for key in times:
+            if key[1].endswith("stack of 4"):
+                times[key] /= 4
         base = times[("Dense", "eager")]
         for (name, variant), seconds in times.items():
+            same = times.get(("Dense", variant), times[("Dense", "graph")])
             out.append({"layer": name, "variant": variant, "mode": mode,
                         "seconds": seconds, "vs_dense_eager": base / seconds,
-                        "vs_dense_same_variant": times[("Dense", variant)] / seconds})
+                        "vs_dense_same_variant": same / seconds})
         if verbose:
             print(f"  variants {mode}: " + ", ".join(
                 f"{n}/{v} {s * 1e3:.2f} ms" for (n, v), s in times.items()), flush=True)
@@ -151,7 +174,10 @@ def markdown(grid, variants, command, load, variant) -> str:
         "backward pass); fraction = speedup / theory. Forward+backward is the "
         "gradient of the sum of the outputs with respect to the inputs and all "
         f"weights. Layers run inside a `tf.function` ({variant!r}, as in `fit` and "
-        "`predict`).",
+        f"`predict`), {grid[0]['depth'] if grid else 1} of them in a row per call "
+        "(a stack of layers, m = n), and times are per layer: the fixed cost of "
+        "calling a graph from Python, which a model pays once per step, is not "
+        "charged to each layer (the table of ways below shows it).",
         "",
         f"Goal (issue 6): >= {SPEEDUP_GOAL:.0%} of the theoretical speedup at batch "
         f">= {GOAL_BATCH}: {_common.goal(len(met) == len(goal_rows))} in "
@@ -210,7 +236,8 @@ def markdown(grid, variants, command, load, variant) -> str:
 
 def run(quick=False, sizes=None, batches=None, rank_divisors=(16, 8, 4),
         modes=("forward", "forward+backward"), variant="graph", variants=True,
-        repeats=None, write=True, json_path=None, command=None, verbose=True) -> dict:
+        repeats=None, depth=4, write=True, json_path=None, command=None,
+        verbose=True) -> dict:
     """Runs the dense benchmark; returns its results and writes its section.
 
     Args:
@@ -220,6 +247,8 @@ def run(quick=False, sizes=None, batches=None, rank_divisors=(16, 8, 4),
             `"xla"` or `"eager"`.
         variants: also compare the ways of running one shape.
         repeats: rounds per timing (medians).
+        depth: the grid times stacks of this many layers per call (per-layer
+            times reported); see `_runner`.
         write: update the `dense` section of BENCHMARKS.md.
         json_path: also write the raw results there.
         command: the command line quoted in BENCHMARKS.md.
@@ -235,7 +264,8 @@ def run(quick=False, sizes=None, batches=None, rank_divisors=(16, 8, 4),
     sizes = sizes or ((1024, 2048) if quick else (1024, 2048, 4096))
     batches = batches or ((1, 64, 256) if quick else (1, 64, 256, 1024))
     repeats = repeats or (3 if quick else 5)
-    grid = time_grid(sizes, rank_divisors, batches, modes, variant, repeats, verbose=verbose)
+    grid = time_grid(sizes, rank_divisors, batches, modes, variant, repeats,
+                     depth=depth, verbose=verbose)
     compared = compare_variants(repeats=repeats, verbose=verbose) if variants else []
     command = command or "python -m benchmarks --only dense" + (" --quick" if quick else "")
     text = markdown(grid, compared, command, load, variant)

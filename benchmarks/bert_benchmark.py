@@ -117,7 +117,9 @@ def compression_experiments(backbone, calibration, evaluation, distillation, arg
         ("all six", ALL_SIX, "whitened", "greedy", {}),
         ("all six", ALL_SIX, "learned", "uniform",
          dict(distillation_data=distillation, distillation_epochs=args.distill_epochs,
-              learning_rate=args.learning_rate, batch_size=16)),
+              learning_rate=args.learning_rate, batch_size=16,
+              distillation_outputs=["sequence_output"],
+              distillation_loss=args.distill_loss)),
     ]
     if args.only:
         configs = [c for i, c in enumerate(configs) if str(i) in args.only.split(",")]
@@ -178,7 +180,9 @@ def render(results) -> str:
         f"reviews (sequence length {c['sequence_length']}); calibration: "
         f"{c['calibration']} IMDB train reviews; `learned` distils on "
         f"{c['distillation']} other unlabelled train reviews for "
-        f"{c['distill_epochs']} epochs. Parameter ratio counted over the factorized "
+        f"{c['distill_epochs']} epochs ({c['distill_loss']} loss on "
+        "`sequence_output`, Adam lr "
+        f"{c['learning_rate']}). Parameter ratio counted over the factorized "
         "layers (kernels and biases).",
         "",
         markdown_table(
@@ -215,6 +219,10 @@ def main(argv=None):
     parser.add_argument("--distillation", type=int, default=512)
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--distill-loss", default="mse")
+    parser.add_argument("--finetune-config", default="Q/K/V,whitened,greedy",
+                        help="which compressed encoder to fine-tune: "
+                             "'selection,method,allocation' of step 1")
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--finetune-train", type=int, default=1500)
     parser.add_argument("--finetune-test", type=int, default=1000)
@@ -251,12 +259,17 @@ def main(argv=None):
     results = {
         "config": dict(calibration=args.calibration, eval=args.eval,
                        distillation=args.distillation, distill_epochs=args.distill_epochs,
+                       distill_loss=args.distill_loss, learning_rate=args.learning_rate,
                        sequence_length=args.sequence_length),
         "compression": rows,
     }
     if not args.no_finetune:
-        best = max(rows, key=lambda r: (r["selection"] == "all six", r["cosine"]))
-        key = (best["selection"], best["method"], best["allocation"])
+        key = tuple(args.finetune_config.split(","))
+        if key not in models:
+            raise ValueError(
+                "Received an invalid value for `--finetune-config`, expected one of "
+                f"{[','.join(k) for k in models]}. "
+                f"Received: --finetune-config={args.finetune_config!r}")
         ft_texts, ft_labels, _ = balanced_sample(
             train, args.finetune_train, seed=4, exclude=np.concatenate([cal_idx, dis_idx]))
         test_texts, test_labels, _ = balanced_sample(test, args.finetune_test, seed=5)

@@ -772,7 +772,7 @@ class _Distiller(keras.Model):
 
 
 def _distill(student, teacher, data, batch_size, epochs, learning_rate, trainable_paths,
-             verbose, selection=None):
+             verbose, selection=None, loss="mse"):
     """Trains the factor layers of `student` to reproduce `teacher`'s outputs."""
     batches = list(_batches(data, batch_size))
     targets = [[_to_numpy(y) for y in _select_outputs(teacher(x, training=False), selection)]
@@ -787,7 +787,7 @@ def _distill(student, teacher, data, batch_size, epochs, learning_rate, trainabl
             layer.trainable = id(layer) in trainable_ids
         distiller = _Distiller(student, selection, name="distiller")
         distiller.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                          loss=["mse"] * len(targets[0]))
+                          loss=[loss] * len(targets[0]))
         history = []
         progbar = keras.utils.Progbar(epochs * len(batches), verbose=verbose)
         rng = np.random.default_rng(0)
@@ -828,6 +828,7 @@ def factorize(
     distillation_data=None,
     distillation_epochs: int = 2,
     distillation_outputs: Sequence | None = None,
+    distillation_loss="mse",
     learning_rate: float = 1e-4,
     verbose: int = 0,
 ) -> keras.Model:
@@ -898,6 +899,8 @@ def factorize(
         distillation_epochs: passes over `distillation_data`.
         distillation_outputs: the outputs to reproduce (keys of a dict output,
             e.g. `["sequence_output"]`, or indices); default all of them.
+        distillation_loss: the Keras loss between the new and the original
+            outputs (`"mse"`, `"cosine_similarity"`, a `keras.losses.Loss`).
         learning_rate: Adam learning rate of the distillation.
         verbose: 1 shows the distillation progress.
 
@@ -993,9 +996,10 @@ def factorize(
         data = distillation_data if distillation_data is not None else calibration_data
         new_layers = [_navigate(new_model, path) for path in replacements]
         history = _distill(new_model, model, data, batch_size, distillation_epochs,
-                           learning_rate, new_layers, verbose, distillation_outputs)
+                           learning_rate, new_layers, verbose, distillation_outputs,
+                           distillation_loss)
         report.notes.append(
-            "distillation loss (MSE to the original outputs) per epoch: "
+            f"distillation loss ({distillation_loss} to the original outputs) per epoch: "
             + ", ".join(f"{h:.4g}" for h in history))
         if calibration_data is not None:
             _update_output_errors(report, targets, new_model, replacements)

@@ -84,7 +84,7 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
     base_acc = 100 * base["test_accuracy_mean"]
     seeds = ",".join(str(s) for s in args.seeds)
     lines = [
-        "## IMDB sentiment classifier (issue 3)",
+        f"## {args.title}",
         "",
         f"Command: `{command}`",
         "",
@@ -253,7 +253,7 @@ def render_from_results(args, command):
     )
     print(markdown)
     if not args.no_write:
-        update_section("imdb", markdown)
+        update_section(args.section, markdown)
         print("Wrote the imdb section of BENCHMARKS.md")
     return 0
 
@@ -265,6 +265,12 @@ def main(argv=None):
     imdb_classifier.add_arguments(parser)
     parser.add_argument("--skip-word-vectors", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="Do not touch BENCHMARKS.md.")
+    parser.add_argument(
+        "--section",
+        default="imdb",
+        help="BENCHMARKS.md section to write (default: imdb); another name for a side experiment.",
+    )
+    parser.add_argument("--title", default="IMDB sentiment classifier (issue 3)")
     parser.add_argument(
         "--from-results",
         action="store_true",
@@ -304,20 +310,20 @@ def main(argv=None):
         markdown = build_markdown(combined, args, command, word_vectors, time.perf_counter() - started)
         if done < len(seeds):
             markdown = markdown.replace(
-                "## IMDB sentiment classifier (issue 3)\n",
-                f"## IMDB sentiment classifier (issue 3)\n\n**Partial: {done} of "
+                f"## {args.title}\n",
+                f"## {args.title}\n\n**Partial: {done} of "
                 f"{len(seeds)} seeds finished so far.**\n",
                 1,
             )
         if not args.no_write:
-            update_section("imdb", markdown)
-            print(f"Wrote the imdb section of BENCHMARKS.md ({done}/{len(seeds)} seeds)")
+            update_section(args.section, markdown)
+            print(f"Wrote the {args.section} section of BENCHMARKS.md ({done}/{len(seeds)} seeds)")
     if not args.skip_word_vectors:
         word_vectors = time_word_vectors()
         print(f"word vectors: {word_vectors}")
         markdown = build_markdown(combined, args, command, word_vectors, time.perf_counter() - started)
         if not args.no_write:
-            update_section("imdb", markdown)
+            update_section(args.section, markdown)
     print(markdown)
     return 0
 

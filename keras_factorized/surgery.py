@@ -772,7 +772,7 @@ class _Distiller(keras.Model):
 
 
 def _distill(student, teacher, data, batch_size, epochs, learning_rate, trainable_paths,
-             verbose, selection=None, loss="mse"):
+             verbose, selection=None, loss="mse", train_all=False):
     """Trains the factor layers of `student` to reproduce `teacher`'s outputs."""
     batches = list(_batches(data, batch_size))
     targets = [[_to_numpy(y) for y in _select_outputs(teacher(x, training=False), selection)]
@@ -781,12 +781,18 @@ def _distill(student, teacher, data, batch_size, epochs, learning_rate, trainabl
     saved = [(layer, layer.trainable) for layer in layers]
     trainable_ids = {id(layer) for layer in trainable_paths}
     try:
-        for layer in layers:
-            if layer._layers if hasattr(layer, "_layers") else False:
+        for layer in [] if train_all else layers:
+            if getattr(layer, "_layers", None):
                 continue  # containers follow their leaves
             layer.trainable = id(layer) in trainable_ids
         distiller = _Distiller(student, selection, name="distiller")
-        distiller.compile(optimizer=keras.optimizers.Adam(learning_rate),
+        steps = max(1, epochs * len(batches))
+        # Warm-up then cosine decay: a constant rate large enough to help later
+        # first knocks the SVD-initialised factors off their good start.
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=steps - max(1, steps // 10), warmup_target=learning_rate,
+            warmup_steps=max(1, steps // 10))
+        distiller.compile(optimizer=keras.optimizers.Adam(schedule),
                           loss=[loss] * len(targets[0]))
         history = []
         progbar = keras.utils.Progbar(epochs * len(batches), verbose=verbose)
@@ -829,6 +835,7 @@ def factorize(
     distillation_epochs: int = 2,
     distillation_outputs: Sequence | None = None,
     distillation_loss="mse",
+    distillation_trainable: str = "factors",
     learning_rate: float = 1e-4,
     verbose: int = 0,
 ) -> keras.Model:
@@ -901,7 +908,10 @@ def factorize(
             e.g. `["sequence_output"]`, or indices); default all of them.
         distillation_loss: the Keras loss between the new and the original
             outputs (`"mse"`, `"cosine_similarity"`, a `keras.losses.Loss`).
-        learning_rate: Adam learning rate of the distillation.
+        distillation_trainable: `"factors"` trains only the new layers;
+            `"all"` also the layers that were kept (normalizations, ...).
+        learning_rate: peak Adam learning rate of the distillation (linear
+            warm-up over the first 10% of the steps, then cosine decay).
         verbose: 1 shows the distillation progress.
 
     Returns:
@@ -929,6 +939,9 @@ def factorize(
     if param_ratio is not None and (not isinstance(param_ratio, numbers.Real)
                                     or not 0 < param_ratio <= 1):
         raise _invalid("param_ratio", "a number in (0, 1]", param_ratio)
+    if distillation_trainable not in ("factors", "all"):
+        raise _invalid("distillation_trainable", "'factors' or 'all'",
+                       distillation_trainable)
     if method not in METHODS:
         raise _invalid("method", f"one of {METHODS}", method)
     if allocation not in ALLOCATIONS:
@@ -997,7 +1010,7 @@ def factorize(
         new_layers = [_navigate(new_model, path) for path in replacements]
         history = _distill(new_model, model, data, batch_size, distillation_epochs,
                            learning_rate, new_layers, verbose, distillation_outputs,
-                           distillation_loss)
+                           distillation_loss, distillation_trainable == "all")
         report.notes.append(
             f"distillation loss ({distillation_loss} to the original outputs) per epoch: "
             + ", ".join(f"{h:.4g}" for h in history))

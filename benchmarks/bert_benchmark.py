@@ -217,17 +217,17 @@ def main(argv=None):
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--distillation", type=int, default=512)
-    parser.add_argument("--distill-epochs", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--distill-loss", default="mse")
+    parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--distill-loss", default="cosine_similarity")
     parser.add_argument("--finetune-config", default="Q/K/V,whitened,greedy",
                         help="which compressed encoder to fine-tune: "
                              "'selection,method,allocation' of step 1")
     parser.add_argument("--sequence-length", type=int, default=128)
-    parser.add_argument("--finetune-train", type=int, default=1500)
+    parser.add_argument("--finetune-train", type=int, default=1200)
     parser.add_argument("--finetune-test", type=int, default=1000)
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--finetune-lr", type=float, default=5e-5)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated config indices")
     parser.add_argument("--no-write", action="store_true",

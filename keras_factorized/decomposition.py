@@ -318,7 +318,7 @@ def _frobenius_sq(matrix) -> float:
     return total
 
 
-def _gram_float64(y, block_rows=16384):
+def _gram_float64(y, block_rows=4096):
     """`y.T @ y` accumulated in float64, converting `y` one row block at a time."""
     if y.dtype == np.float64:
         return y.T @ y
@@ -375,8 +375,8 @@ def _svd_gram(matrix, rank):
         # U = Y W S^-1, written over Y one row block at a time (no second
         # tall array).
         rotation = (w / s[None, :]).astype(dtype)
-        for start in range(0, y.shape[0], 16384):
-            y[start : start + 16384] = y[start : start + 16384] @ rotation
+        for start in range(0, y.shape[0], 4096):
+            y[start : start + 4096] = y[start : start + 4096] @ rotation
         u = y
         vt = (v @ w).T.astype(dtype)
     del y

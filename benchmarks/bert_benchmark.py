@@ -181,9 +181,10 @@ def render(results) -> str:
         f"{c['calibration']} IMDB train reviews; `learned` distils on "
         f"{c['distillation']} other unlabelled train reviews for "
         f"{c['distill_epochs']} epochs ({c['distill_loss']} loss on "
-        "`sequence_output`, Adam lr "
-        f"{c['learning_rate']}). Parameter ratio counted over the factorized "
-        "layers (kernels and biases).",
+        "`sequence_output`, Adam, peak learning rate "
+        f"{c['learning_rate']} with warm-up and cosine decay, only the factors "
+        "train). Parameter ratio counted over the factorized layers (kernels and "
+        "biases).",
         "",
         markdown_table(
             ["projections", "method", "rank allocation", "param ratio",
@@ -233,9 +234,19 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true",
                         help="do not update BENCHMARKS.md")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-json", default=None,
+                        help="re-render BENCHMARKS.md from a previous run's JSON")
     parser.add_argument("--json", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", "bert.json"))
     args = parser.parse_args(argv)
+
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            markdown = render(json.load(f))
+        print(markdown)
+        if not args.no_write:
+            update_section("bert", markdown)
+        return markdown
 
     def log(message):
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -180,7 +180,7 @@ def markdown(grid, variants, command, load, variant) -> str:
         "charged to each layer (the table of ways below shows it).",
         "",
         f"Goal (issue 6): >= {SPEEDUP_GOAL:.0%} of the theoretical speedup at batch "
-        f">= {GOAL_BATCH}: {_common.goal(len(met) == len(goal_rows))} in "
+        f">= {GOAL_BATCH}: {_common.goal(len(met) == len(goal_rows))}, reached in "
         f"{len(met)} of {len(goal_rows)} shapes (median fraction "
         f"{statistics.median(r['fraction'] for r in goal_rows):.0%}, lowest "
         f"{min(r['fraction'] for r in goal_rows):.0%})." if goal_rows else "",

@@ -789,9 +789,10 @@ def _distill(student, teacher, data, batch_size, epochs, learning_rate, trainabl
         steps = max(1, epochs * len(batches))
         # Warm-up then cosine decay: a constant rate large enough to help later
         # first knocks the SVD-initialised factors off their good start.
+        warmup = max(1, steps // 10)
         schedule = keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=steps - max(1, steps // 10), warmup_target=learning_rate,
-            warmup_steps=max(1, steps // 10))
+            0.0, decay_steps=max(1, steps - warmup), warmup_target=learning_rate,
+            warmup_steps=warmup)
         distiller.compile(optimizer=keras.optimizers.Adam(schedule),
                           loss=[loss] * len(targets[0]))
         history = []

@@ -13,7 +13,7 @@ Runs, in this order (choose with `--only`):
 
 Each benchmark rewrites its own section of BENCHMARKS.md (or of the file named
 by $KERAS_FACTORIZED_BENCHMARKS_MD). The whole suite takes about 10 minutes on
-2 cores; `--quick` about 3. Speed figures are ratios against a baseline timed
+2 cores; `--quick` about 5. Speed figures are ratios against a baseline timed
 in the same run, so that they hold on a shared machine; run it on an idle one
 (and with `nice`) for the best figures:
 
@@ -50,7 +50,7 @@ def _parse(argv):
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller sizes and fewer repeats (about 3 minutes)")
+                        help="smaller sizes and fewer repeats (about 5 minutes)")
     parser.add_argument("--tiny", action="store_true",
                         help="toy sizes, seconds: checks the suite runs (figures meaningless)")
     parser.add_argument("--blas-threads", type=int, default=None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -101,7 +102,7 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
         f"epochs with EarlyStopping(val_accuracy, patience={args.patience}, "
         "restore_best_weights=True). SVD rows: the trained baseline's embedding compressed "
         f"by `FactorizedEmbedding.from_embedding`, then {args.svd_epochs} epoch(s) of "
-        "fine-tuning of the whole model. Sizes: `.keras` files without optimizer state.",
+        f"fine-tuning of the whole model at learning rate {args.svd_learning_rate or args.learning_rate}. Sizes: `.keras` files without optimizer state.",
         "",
     ]
     headers = [
@@ -246,9 +247,10 @@ def render_from_results(args, command):
     markdown = markdown.replace(
         "\n\nMachine:",
         "\n\nThe section was re-rendered from that run's saved per-seed results "
-        "(`benchmarks/out/imdb/seed*/results.json`) by the same command with "
-        "`--from-results`, which re-measures the `.keras` sizes and times the "
-        "word-vector loader.\n\nMachine:",
+        f"(`{os.path.relpath(args.output_dir, ROOT)}/seed*/results.json`) by the same "
+        "command with `--from-results`, which re-measures the `.keras` sizes"
+        + ("" if args.skip_word_vectors else " and times the word-vector loader")
+        + ".\n\nMachine:",
         1,
     )
     print(markdown)
@@ -288,7 +290,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     command = "python -m benchmarks.imdb_benchmark" + (
-        " " + " ".join(argv if argv is not None else sys.argv[1:])
+        " " + shlex.join(argv if argv is not None else sys.argv[1:])
     ).rstrip()
     started = time.perf_counter()
     word_vectors = None

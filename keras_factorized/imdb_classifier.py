@@ -144,8 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument(
         "--svd-learning-rate",
         type=float,
-        default=None,
-        help="Learning rate of the SVD fine-tuning (default: --learning-rate).",
+        default=1e-4,
+        help="Learning rate of the SVD fine-tuning (default: 1e-4; at the training "
+        "rate, 1e-3, one more epoch over-fits the trained LSTM, see BENCHMARKS.md).",
     )
     train.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds, one run each.")
     train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity.")

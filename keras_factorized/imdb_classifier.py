@@ -83,14 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="N",
         help="Use only N training (incl. validation) and N test reviews: a quick run.",
     )
-    data.add_argument("--validation-split", type=float, default=0.2)
+    data.add_argument("--validation-split", type=float, default=0.2, help="Fraction of the training reviews held out for validation (never from test).")
     data.add_argument("--data-seed", type=int, default=1337, help="Seed of the train/validation split.")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--vocab-size", type=int, default=20000)
-    model.add_argument("--sequence-length", type=int, default=200)
-    model.add_argument("--embedding-dim", type=int, default=128)
-    model.add_argument("--lstm-units", type=int, default=64)
+    model.add_argument("--vocab-size", type=int, default=20000, help="TextVectorization vocabulary size (embedding rows).")
+    model.add_argument("--sequence-length", type=int, default=200, help="Tokens kept per review.")
+    model.add_argument("--embedding-dim", type=int, default=128, help="Embedding width (columns of the table).")
+    model.add_argument("--lstm-units", type=int, default=64, help="Units of the LSTM.")
     model.add_argument(
         "--truncate",
         choices=("pre", "post"),
@@ -131,8 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=3, help="Maximum epochs (early stopping may stop sooner).")
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=64, help="Training batch size.")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate.")
     train.add_argument("--clipnorm", type=float, default=1.0, help="Gradient clipping norm (0: off).")
     train.add_argument(
         "--patience",

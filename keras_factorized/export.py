@@ -27,6 +27,7 @@ import tempfile
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 SERVING_SIGNATURE_KEY = "serving_default"
@@ -510,6 +511,29 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def _float32_copy(model):
+    """`model` itself, or a float32 copy when a layer computes in 16 bits.
+
+    TFLite builtin ops have no bfloat16 matrix products, so a model trained
+    under a `mixed_bfloat16`/`mixed_float16` policy is converted from a copy
+    whose layers compute in float32 (its variables are float32 already).
+    """
+    low = ("float16", "bfloat16")
+    if not any(layer.compute_dtype in low for layer in model._flatten_layers()):
+        return model
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone_layer)
+    copy.set_weights([np.asarray(w, dtype="float32") if np.asarray(w).dtype.kind == "f" else w
+                      for w in model.get_weights()])
+    return copy
+
+
 def export_tflite(
     model: keras.Model,
     path: str | os.PathLike,
@@ -625,6 +649,7 @@ def export_tflite(
 
     if merge_factors:
         model = merge_factorized_layers(model)
+    model = _float32_copy(model)
     spec = tf.TensorSpec(shape, model_input.dtype, name=DEFAULT_INPUT_NAME)
 
     def serve(inputs):

@@ -132,3 +132,20 @@ def test_invalid_models_and_arguments(tmp_path):
     with pytest.raises(FileExistsError):
         export.export_tflite(ids_model, tmp_path / "x.tflite", overwrite=False)
     assert (tmp_path / "x.tflite").read_bytes() == b"keep me"
+
+
+def test_mixed_precision_model_converts_through_a_float32_copy(tmp_path):
+    # TFLite builtins have no bfloat16 matmul: the converter gets a float32 copy.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_classifier(200, 12, 8, 4, rank=2)
+    keras.mixed_precision.set_global_policy("float32")
+    ids = np.random.default_rng(0).integers(1, 200, size=(1, 12)).astype("int32")
+    path = export.export_tflite(model, os.path.join(tmp_path, "m.tflite"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = tf.lite.Interpreter(model_path=path).get_signature_runner()
+    got = runner(inputs=ids)["predictions"]
+    expected = keras.ops.convert_to_numpy(model(ids)).astype("float32")
+    # The Keras model computes in bfloat16 (8 bits of mantissa), TFLite in float32.
+    np.testing.assert_allclose(got, expected, atol=2e-2)
+    assert any(layer.compute_dtype == "bfloat16" for layer in model._flatten_layers())

@@ -80,6 +80,13 @@ def test_tiny_suite_writes_every_section(benchmarks_md, tmp_path, monkeypatch):
     assert small["savedmodel_bytes"] < full["savedmodel_bytes"]
     assert json.loads((tmp_path / "json" / "size.json").read_text())[0]["params"] > 0
 
+    # The closing note a full run writes: one row per goal of issue 6.
+    from benchmarks.__main__ import summary_markdown
+
+    summary = summary_markdown(results, "python -m benchmarks")
+    assert summary.count("**met**") + summary.count("**missed**") == 3 + 1 + 2
+    assert "faster than TruncatedSVD" in summary and "merged inference" in summary
+
 
 def test_update_section_replaces_only_its_section(tmp_path, monkeypatch):
     path = tmp_path / "B.md"

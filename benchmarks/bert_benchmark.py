@@ -127,7 +127,8 @@ def compression_experiments(backbone, calibration, evaluation, distillation, arg
     for selection, include, method, allocation, extra in configs:
         start = time.perf_counter()
         small = factorize(backbone, param_ratio=0.5, method=method, include=include,
-                          allocation=allocation, calibration_data=calibration, **extra)
+                          allocation=allocation, calibration_data=calibration,
+                          bias_correction=args.bias_correction, **extra)
         seconds = time.perf_counter() - start
         report = small.factorization_report
         cosine = mean_cosine(sentence_embeddings(small, evaluation), reference)
@@ -207,6 +208,8 @@ def render(results) -> str:
                 [[row["name"], f"{row['accuracy']:.4f}", f"{row['seconds']:.0f}"]
                  for row in f["rows"]]),
         ]
+    for note in results.get("notes", []):
+        lines += ["", note]
     lines += ["", f"Command: `python -m benchmarks.bert_benchmark`. Machine: "
               f"{machine_description()}."]
     return "\n".join(lines)
@@ -219,7 +222,7 @@ def main(argv=None):
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--distillation", type=int, default=512)
     parser.add_argument("--distill-epochs", type=int, default=3)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--distill-loss", default="cosine_similarity")
     parser.add_argument("--finetune-config", default="Q/K/V,whitened,greedy",
                         help="which compressed encoder to fine-tune: "
@@ -230,6 +233,8 @@ def main(argv=None):
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--no-finetune", action="store_true")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="factorize(..., bias_correction=True)")
     parser.add_argument("--only", default="", help="comma-separated config indices")
     parser.add_argument("--no-write", action="store_true",
                         help="do not update BENCHMARKS.md")

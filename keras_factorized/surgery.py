@@ -27,7 +27,7 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np

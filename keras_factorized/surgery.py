@@ -370,13 +370,19 @@ def _to_numpy(x):
 def _find_targets(copy, original, include, exclude, skipped):
     original_layers = {path: layer for _, _, layer, path in _walk(original)}
     targets = []
-    for _, _, layer, path in _walk(copy):
+    for parent, step, layer, path in _walk(copy):
         kind = _kind(layer)
         if kind is None:
             continue
         if include is not None and not _matches(layer, include):
             continue
         if exclude is not None and _matches(layer, exclude):
+            continue
+        if step[0] == "layer" and not _is_plain_graph(parent):
+            # Rebuilding the graph of e.g. a KerasHub backbone would turn it into
+            # a plain functional model, losing its class.
+            skipped.append((layer, f"kept: in the graph of a {type(parent).__name__}, "
+                                   "which builds its graph itself"))
             continue
         if not layer.built:
             skipped.append((layer, "kept: not built"))
@@ -853,6 +859,10 @@ def factorize(
 
     The report of what was done is `new_model.factorization_report`
     (a `FactorizationReport`: `print` it for a table, `.to_dict()` for data).
+
+    Layers directly in the graph of a model subclass that builds its own graph
+    (e.g. a KerasHub backbone's `pooled_dense`) are kept, and the report says
+    so: rebuilding that graph would turn the model into a plain functional one.
 
     Choose the ranks with exactly one of `rank`, `energy` or `param_ratio`.
     Layers whose factors at that rank would not hold fewer weights than the

@@ -187,6 +187,9 @@ def test_keras_hub_bert_full_rank_save_load_and_original_unchanged(tmp_path):
     assert small.count_params() == bert.count_params() - 6 * (32 * 32 - 64 * 8)
     np.testing.assert_allclose(_np(small(x)["sequence_output"]), expected, atol=1e-4)
     everything = factorize(bert, rank=8)
+    assert isinstance(everything, keras_hub.models.BertBackbone)
+    kept = {r.path: r.note for r in everything.factorization_report.layers}
+    assert "builds its graph itself" in kept["pooled_dense"]
     np.testing.assert_allclose(_np(everything(x)["sequence_output"]), expected, atol=1e-4)
     for a, b in zip(before, _weights(bert)):
         np.testing.assert_array_equal(a, b)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import re
+import tempfile
 from typing import Any, Sequence
 
 import keras
@@ -289,7 +291,24 @@ def _copy_model(model):
             "model", "a model that can be rebuilt from its config with the same "
             "weights (a registered class with a complete `get_config`)", model.name)
     copy.set_weights(weights)
+    _copy_assets(model, copy)
     return copy
+
+
+def _copy_assets(model, copy):
+    """Copies the state weights do not hold (a `TextVectorization`'s vocabulary).
+
+    The same `save_assets`/`load_assets` pair the `.keras` format uses; without
+    it a copied lookup table is empty ("Table not initialized").
+    """
+    pairs = zip(model._flatten_layers(include_self=False), copy._flatten_layers(include_self=False))
+    for source, target in pairs:
+        if type(source) is not type(target) or not hasattr(source, "save_assets"):
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            source.save_assets(folder)
+            if os.listdir(folder):
+                target.load_assets(folder)
 
 
 # ---------------------------------------------------------------------------

@@ -512,12 +512,6 @@ def test_imdb_bad_value_is_one_line(capsys):
 
 @needs_surgery
 @TF_ONLY
-@pytest.mark.xfail(
-    reason="factorize's model copy (surgery._copy_model: config + get_weights) "
-    "drops the TextVectorization vocabulary, so the copy fails with 'Table not "
-    "initialized'",
-    strict=False,
-)
 def test_sweep_imdb_reviews_with_string_model(capsys, tmp_path):
     from keras_factorized.datasets import imdb
 

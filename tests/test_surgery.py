@@ -323,3 +323,26 @@ def test_bias_correction_lowers_the_layer_output_error():
     plain = factorize(model, **kwargs).factorization_report.layers[0]
     corrected = factorize(model, bias_correction=True, **kwargs).factorization_report
     assert corrected.layers[0].output_error < plain.output_error
+
+
+@requires_tensorflow
+def test_text_vectorization_vocabulary_survives_the_copy():
+    from keras_factorized.decomposition import low_rank_approximation
+
+    texts = np.array(["a good film", "a bad film", "good good", "bad plot"])
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=4)
+    vectorizer.adapt(texts)
+    inputs = keras.Input((), dtype="string")
+    hidden = keras.layers.Embedding(20, 16, name="embedding")(vectorizer(inputs))
+    outputs = keras.layers.Dense(1, name="head")(keras.layers.GlobalAveragePooling1D()(hidden))
+    model = keras.Model(inputs, outputs)
+    small = factorize(model, rank=2, include="embedding")
+    assert isinstance(small.get_layer("embedding"), FactorizedEmbedding)
+    # The copy looks words up in the same vocabulary ("Table not initialized" before).
+    ids = keras.ops.convert_to_numpy(vectorizer(texts))
+    table = low_rank_approximation(
+        keras.ops.convert_to_numpy(model.get_layer("embedding").embeddings).astype("float64"), 2
+    )
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("head").weights)
+    expected = table[ids].mean(axis=1) @ kernel + bias
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(small(texts)), expected, atol=1e-5)

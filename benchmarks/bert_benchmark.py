@@ -37,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.report import atomic_write_text  # noqa: E402
+from keras_factorized.atomic_io import write_text  # noqa: E402
 from benchmarks.report import machine_description  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
@@ -301,7 +301,7 @@ def main(argv=None):
                                    epochs=args.finetune_epochs, lr=args.finetune_lr,
                                    rows=ft_rows)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    atomic_write_text(args.json, json.dumps(results, indent=2))
+    write_text(args.json, json.dumps(results, indent=2))
     markdown = render(results)
     print(markdown)
     if not args.no_write:

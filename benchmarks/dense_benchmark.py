@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 
-import numpy as np
 
 from benchmarks import _common
 from benchmarks.report import machine_description, markdown_table, update_section

@@ -124,9 +124,8 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
 
     svd_rows = [r for r in results["rows"] if r["kind"] == "svd"]
     if svd_rows:
-        before = statistics.mean(r["test_accuracy_before_fine_tuning"] for r in svd_rows)
         lines += [
-            f"SVD compression before fine-tuning (mean over seeds): "
+            "SVD compression before fine-tuning (mean over seeds): "
             + ", ".join(
                 f"{name}: {100 * statistics.mean(r['test_accuracy_before_fine_tuning'] for r in svd_rows if r['model'] == name):.2f}%"
                 for name in dict.fromkeys(r["model"] for r in svd_rows)

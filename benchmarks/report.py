@@ -8,27 +8,14 @@ clobber each other's numbers. Writes go to a temporary file renamed into place.
 import os
 import platform
 import re
-import tempfile
+
+from keras_factorized.atomic_io import write_text
 
 BENCHMARKS_MD = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md"
 )
 # Set to write the sections into another file (the smoke tests use a copy).
 BENCHMARKS_MD_ENV = "KERAS_FACTORIZED_BENCHMARKS_MD"
-
-
-def atomic_write_text(path, text):
-    """Writes `text` to `path` through a temporary file in the same folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def update_section(name, markdown, path=None):
@@ -46,7 +33,7 @@ def update_section(name, markdown, path=None):
         text = pattern.sub(lambda _: block, text)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(path, text)
+    write_text(path, text)
 
 
 def machine_description():

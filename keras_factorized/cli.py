@@ -31,11 +31,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import textwrap
 import warnings
 import zipfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+
+from keras_factorized.atomic_io import atomic_output
+from keras_factorized.atomic_io import write_text
 
 PROG = "keras-factorized"
 
@@ -229,34 +231,8 @@ def _check_output_file(path: str, suffixes: Sequence[str] = (), overwrite=True) 
         raise UsageError(f"output folder is not writable: {folder}")
 
 
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yields a temporary path in `path`'s folder, renamed to `path` on success.
-
-    The temporary file keeps `path`'s extension (Keras picks the format from
-    it). On any failure the temporary file is removed and `path` is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    base, suffix = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=f".part{suffix}")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: str, text: str) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
 def _write_json(path: str, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -267,7 +243,7 @@ def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def _progbar(target: int, quiet: bool, unit_name: str = "step"):

@@ -30,6 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_factorized.atomic_io import write_bytes
+
 SERVING_SIGNATURE_KEY = "serving_default"
 TEXT_INPUT_NAME = "text"
 DEFAULT_INPUT_NAME = "inputs"
@@ -498,19 +500,6 @@ def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
     return ops
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _float32_copy(model):
     """`model` itself, or a float32 copy when a layer computes in 16 bits.
 
@@ -677,5 +666,5 @@ def export_tflite(
                 f"Received: batch_size={batch_size}, input shape={tuple(shape)}."
                 f" Converter error: {str(e).splitlines()[0] if str(e) else e!r}"
             ) from e
-    _atomic_write_bytes(path, flatbuffer)
+    write_bytes(path, flatbuffer)
     return path

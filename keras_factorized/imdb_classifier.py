@@ -39,6 +39,9 @@ import time
 
 import numpy as np
 
+from keras_factorized.atomic_io import atomic_output
+from keras_factorized.atomic_io import write_text
+
 DEFAULT_RANKS = (16, 4, 2)
 DEFAULT_SVD_RANKS = (4,)
 
@@ -523,27 +526,15 @@ def write_outputs(output_dir: str, rows: list[dict], summary: list[dict], config
         "csv": os.path.join(output_dir, "results.csv"),
         "plot": os.path.join(output_dir, "accuracy_vs_params.png"),
     }
-    _write_text(paths["json"], json.dumps({"config": config, "summary": summary, "runs": rows}, indent=2))
+    write_text(paths["json"], json.dumps({"config": config, "summary": summary, "runs": rows}, indent=2))
     buffer = io.StringIO()
     fields = [k for k in summary[0] if k != "val_accuracy_history"]
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(summary)
-    _write_text(paths["csv"], buffer.getvalue())
+    write_text(paths["csv"], buffer.getvalue())
     plot_accuracy(summary, paths["plot"])
     return paths
-
-
-def _write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def plot_accuracy(summary: list[dict], path: str) -> None:
@@ -580,16 +571,11 @@ def plot_accuracy(summary: list[dict], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run(args: argparse.Namespace) -> dict:

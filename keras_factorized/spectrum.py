@@ -25,13 +25,12 @@ How each layer becomes a matrix:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from keras_factorized import decomposition
+from keras_factorized.atomic_io import atomic_output
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
@@ -385,16 +384,8 @@ def to_jsonable(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _atomic_savefig(figure, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_spectra(

@@ -1,6 +1,5 @@
 """Tests of keras_factorized.datasets.imdb on the committed fixture of real reviews."""
 
-import io
 import os
 import shutil
 import tarfile

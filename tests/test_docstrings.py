@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "keras_factorized.atomic_io",
     "keras_factorized.decomposition",
     "keras_factorized.layers.factorized_embedding",
     "keras_factorized.layers.low_rank_dense",

@@ -55,3 +55,37 @@ def assign_factor(variable, value, factor_name, dim_names):
             "values. Received: an array containing NaN or Inf"
         )
     variable.assign(value.astype(variable.dtype))
+
+
+class TrainableFactorsMixin:
+    """`a_trainable` / `b_trainable`: freeze or train each factor on its own.
+
+    A layer using it sets `_a_trainable`, `_b_trainable` in `__init__` and
+    names its two factor variables in `_factor_variable_names`; the flags are
+    applied to the variables when set after `build()`.
+    """
+
+    _factor_variable_names = ("a", "b")
+
+    def _set_factor_trainable(self, index, value):
+        name = ("a_trainable", "b_trainable")[index]
+        value = check_bool(name, value)
+        setattr(self, f"_{name}", value)
+        if self.built:
+            getattr(self, self._factor_variable_names[index]).trainable = value
+
+    @property
+    def a_trainable(self):
+        return self._a_trainable
+
+    @a_trainable.setter
+    def a_trainable(self, value):
+        self._set_factor_trainable(0, value)
+
+    @property
+    def b_trainable(self):
+        return self._b_trainable
+
+    @b_trainable.setter
+    def b_trainable(self, value):
+        self._set_factor_trainable(1, value)

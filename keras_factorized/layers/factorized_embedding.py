@@ -11,7 +11,7 @@ from keras_factorized.layers import _factor_utils as fu
 
 
 @keras.saving.register_keras_serializable(package="keras_factorized")
-class FactorizedEmbedding(keras.layers.Layer):
+class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
     """Turns positive integers (indexes) into dense vectors through a low-rank table.
 
     A drop-in replacement of `keras.layers.Embedding` whose `input_dim x
@@ -94,6 +94,8 @@ class FactorizedEmbedding(keras.layers.Layer):
           factorized embedding parameterization.
     """
 
+    _factor_variable_names = ("embeddings_a", "embeddings_b")
+
     def __init__(
         self,
         input_dim,
@@ -150,26 +152,6 @@ class FactorizedEmbedding(keras.layers.Layer):
             dtype=factor_dtype,
         )
         self.built = True
-
-    @property
-    def a_trainable(self):
-        return self._a_trainable
-
-    @a_trainable.setter
-    def a_trainable(self, value):
-        self._a_trainable = fu.check_bool("a_trainable", value)
-        if self.built:
-            self.embeddings_a.trainable = self._a_trainable
-
-    @property
-    def b_trainable(self):
-        return self._b_trainable
-
-    @b_trainable.setter
-    def b_trainable(self, value):
-        self._b_trainable = fu.check_bool("b_trainable", value)
-        if self.built:
-            self.embeddings_b.trainable = self._b_trainable
 
     @property
     def embeddings(self):

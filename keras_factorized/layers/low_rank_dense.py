@@ -11,7 +11,7 @@ from keras_factorized.layers import _factor_utils as fu
 
 
 @keras.saving.register_keras_serializable(package="keras_factorized")
-class LowRankDense(keras.layers.Layer):
+class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
     """A `Dense` layer whose `m x n` kernel is kept as `A @ B` of rank `k`.
 
     `LowRankDense` computes `output = activation((inputs @ A) @ B + bias)`
@@ -77,6 +77,8 @@ class LowRankDense(keras.layers.Layer):
         - [Denton et al., 2014](https://arxiv.org/abs/1404.0736): exploiting
           linear structure for efficient evaluation.
     """
+
+    _factor_variable_names = ("kernel_a", "kernel_b")
 
     def __init__(
         self,
@@ -161,26 +163,6 @@ class LowRankDense(keras.layers.Layer):
     @property
     def input_dim(self):
         return int(self.kernel_a.shape[0]) if self.built else None
-
-    @property
-    def a_trainable(self):
-        return self._a_trainable
-
-    @a_trainable.setter
-    def a_trainable(self, value):
-        self._a_trainable = fu.check_bool("a_trainable", value)
-        if self.built:
-            self.kernel_a.trainable = self._a_trainable
-
-    @property
-    def b_trainable(self):
-        return self._b_trainable
-
-    @b_trainable.setter
-    def b_trainable(self, value):
-        self._b_trainable = fu.check_bool("b_trainable", value)
-        if self.built:
-            self.kernel_b.trainable = self._b_trainable
 
     @property
     def kernel(self):

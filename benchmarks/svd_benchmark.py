@@ -34,6 +34,7 @@ from benchmarks.report import (
     machine_description,
     markdown_table,
     update_section,
+    write_json,
 )
 
 SOLVERS = {
@@ -380,8 +381,7 @@ def run(quick=False, rows=None, cols=768, rank=128, minilm=True, solvers=None,
     if write:
         update_section("svd", text)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=1)
+        write_json(json_path, {k: v for k, v in result.items() if k != "markdown"})
     return result
 
 

@@ -6,12 +6,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_factorized import decomposition
-from keras_factorized.layers import _factor_utils as fu
+from keras_factorized import validation
+from keras_factorized.layers.base import LowRankLayer
 
 
 @keras.saving.register_keras_serializable(package="keras_factorized")
-class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
+class FactorizedEmbedding(LowRankLayer):
     """Turns positive integers (indexes) into dense vectors through a low-rank table.
 
     A drop-in replacement of `keras.layers.Embedding` whose `input_dim x
@@ -94,7 +94,9 @@ class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
           factorized embedding parameterization.
     """
 
-    _factor_variable_names = ("embeddings_a", "embeddings_b")
+    factor_names = ("embeddings_a", "embeddings_b")
+    matrix_dim_names = ("input_dim", "output_dim")
+    dense_class = keras.layers.Embedding
 
     def __init__(
         self,
@@ -114,43 +116,26 @@ class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.input_dim = fu.check_positive_int("input_dim", input_dim)
-        self.output_dim = fu.check_positive_int("output_dim", output_dim)
-        self.rank = decomposition.validate_rank(rank, (self.input_dim, self.output_dim))
-        self.embeddings_a_initializer = keras.initializers.get(embeddings_a_initializer)
-        self.embeddings_b_initializer = keras.initializers.get(embeddings_b_initializer)
-        self.embeddings_a_regularizer = keras.regularizers.get(embeddings_a_regularizer)
-        self.embeddings_b_regularizer = keras.regularizers.get(embeddings_b_regularizer)
-        self.embeddings_a_constraint = keras.constraints.get(embeddings_a_constraint)
-        self.embeddings_b_constraint = keras.constraints.get(embeddings_b_constraint)
+        self.input_dim = validation.check_positive_int("input_dim", input_dim)
+        self.output_dim = validation.check_positive_int("output_dim", output_dim)
+        rank = validation.check_rank(rank, (self.input_dim, self.output_dim))
+        options = dict(
+            embeddings_a_initializer=embeddings_a_initializer,
+            embeddings_b_initializer=embeddings_b_initializer,
+            embeddings_a_regularizer=embeddings_a_regularizer,
+            embeddings_b_regularizer=embeddings_b_regularizer,
+            embeddings_a_constraint=embeddings_a_constraint,
+            embeddings_b_constraint=embeddings_b_constraint,
+        )
+        self._init_factors(rank, options, a_trainable, b_trainable)
         self.mask_zero = bool(mask_zero)
         self.supports_masking = self.mask_zero
         self.autocast = False
-        self._a_trainable = fu.check_bool("a_trainable", a_trainable)
-        self._b_trainable = fu.check_bool("b_trainable", b_trainable)
 
     def build(self, input_shape=None):
         if self.built:
             return
-        factor_dtype = fu.factor_dtype(self.dtype_policy)
-        self.embeddings_a = self.add_weight(
-            shape=(self.input_dim, self.rank),
-            initializer=self.embeddings_a_initializer,
-            name="embeddings_a",
-            regularizer=self.embeddings_a_regularizer,
-            constraint=self.embeddings_a_constraint,
-            trainable=self._a_trainable,
-            dtype=factor_dtype,
-        )
-        self.embeddings_b = self.add_weight(
-            shape=(self.rank, self.output_dim),
-            initializer=self.embeddings_b_initializer,
-            name="embeddings_b",
-            regularizer=self.embeddings_b_regularizer,
-            constraint=self.embeddings_b_constraint,
-            trainable=self._b_trainable,
-            dtype=factor_dtype,
-        )
+        self._add_factors((self.input_dim, self.rank), (self.rank, self.output_dim))
         self.built = True
 
     @property
@@ -159,11 +144,16 @@ class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
         return ops.matmul(self.embeddings_a, self.embeddings_b)
 
     def call(self, inputs):
-        if inputs.dtype != "int32" and inputs.dtype != "int64":
-            inputs = ops.cast(inputs, "int32")
-        rows = ops.take(self.embeddings_a, inputs, axis=0)
-        rows = ops.cast(rows, self.compute_dtype)
-        return ops.matmul(rows, ops.cast(self.embeddings_b, self.compute_dtype))
+        # A ragged batch (TensorFlow, e.g. `TextVectorization(ragged=True)`)
+        # is looked up through its flat values, so the output is ragged too,
+        # as with `keras.layers.Embedding`.
+        flat = getattr(inputs, "flat_values", None)
+        ids = inputs if flat is None else flat
+        if ids.dtype != "int32" and ids.dtype != "int64":
+            ids = ops.cast(ids, "int32")
+        rows = ops.cast(ops.take(self.embeddings_a, ids, axis=0), self.compute_dtype)
+        outputs = ops.matmul(rows, ops.cast(self.embeddings_b, self.compute_dtype))
+        return outputs if flat is None else inputs.with_flat_values(outputs)
 
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero:
@@ -175,127 +165,36 @@ class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
 
     def compute_output_spec(self, inputs):
         output_shape = self.compute_output_shape(inputs.shape)
-        return keras.KerasTensor(output_shape, dtype=self.compute_dtype)
+        ragged = getattr(inputs, "ragged", False)
+        return keras.KerasTensor(output_shape, dtype=self.compute_dtype, ragged=ragged)
 
-    def set_factors(self, a, b):
-        """Sets `A` and `B` from arrays, checking their shapes.
-
-        Args:
-            a: array of shape `(input_dim, rank)`.
-            b: array of shape `(rank, output_dim)`.
-        """
-        if not self.built:
-            self.build()
-        fu.assign_factor(self.embeddings_a, a, "a", ("input_dim", "rank"))
-        fu.assign_factor(self.embeddings_b, b, "b", ("rank", "output_dim"))
+    # Conversions: `from_matrix`, `from_layer` and `merge` come from
+    # `LowRankLayer`; these are their names in the vocabulary of `Embedding`.
 
     @classmethod
-    def from_matrix(
-        cls,
-        matrix,
-        rank=None,
-        energy=None,
-        param_ratio=None,
-        split="balanced",
-        svd_method="auto",
-        **kwargs,
-    ):
-        """Creates a layer whose factors are the truncated SVD of `matrix`.
-
-        `A = U_k S_k^1/2` and `B = S_k^1/2 V_k^T` by default, so `A @ B` is
-        the best rank-`k` approximation of `matrix` (Eckart-Young).
-
-        Args:
-            matrix: the `(input_dim, output_dim)` embedding table, e.g.
-                pretrained GloVe vectors (NumPy array or tensor).
-            rank: the rank `k`.
-            energy: instead of `rank`: keep this fraction of the squared
-                singular values, in `(0, 1]`.
-            param_ratio: instead of `rank`: keep at most this fraction of
-                the `input_dim * output_dim` weights, in `(0, 1]`.
-            split: `"balanced"`, `"left"` (`A = U S, B = V^T`) or `"right"`
-                (`A = U, B = S V^T`); see
-                `keras_factorized.decomposition.split_singular_values`.
-            svd_method: the `method` of `truncated_svd`.
-            **kwargs: other constructor arguments (`mask_zero`, `name`,
-                `a_trainable`, ...).
-
-        Returns:
-            A built `FactorizedEmbedding`.
-
-        Example:
-
-        >>> import numpy as np
-        >>> table = np.random.default_rng(0).normal(size=(500, 32))
-        >>> layer = FactorizedEmbedding.from_matrix(table, energy=0.5, mask_zero=True)
-        >>> layer.rank < 32
-        True
-        """
-        result = decomposition.truncated_svd(
-            matrix, rank, energy=energy, param_ratio=param_ratio, method=svd_method
-        )
-        a, b = result.factors(split)
-        layer = cls(input_dim=a.shape[0], output_dim=b.shape[1], rank=result.rank, **kwargs)
-        layer.set_factors(a, b)
-        return layer
-
-    @classmethod
-    def from_embedding(
-        cls,
-        layer,
-        rank=None,
-        energy=None,
-        param_ratio=None,
-        split="balanced",
-        svd_method="auto",
-        **kwargs,
-    ):
+    def from_embedding(cls, layer, rank=None, **kwargs):
         """Creates a layer approximating a built `keras.layers.Embedding`.
 
         The new layer keeps the embedding's `mask_zero`, name (unless given)
-        and dtype policy, and its factors come from the truncated SVD of the
-        embedding table (see `from_matrix`).
+        and dtype policy; its factors come from the truncated SVD of the
+        table (see `from_matrix`).
 
         Args:
             layer: a built `keras.layers.Embedding`.
-            rank, energy, param_ratio, split, svd_method: as in `from_matrix`.
-            **kwargs: constructor arguments that override the copied ones.
+            rank: the rank; or `energy=`/`param_ratio=` (see `from_matrix`).
+            **kwargs: `energy`, `param_ratio`, `split`, `svd_method`, and
+                constructor arguments that override the copied ones.
 
         Returns:
             A built `FactorizedEmbedding`.
         """
-        if not isinstance(layer, keras.layers.Embedding):
-            raise TypeError(
-                "Received an invalid value for `layer`, expected a "
-                f"`keras.layers.Embedding`. Received: layer={layer!r}"
-            )
-        if not layer.built:
-            raise ValueError(
-                "Received an invalid value for `layer`, expected a built "
-                f"`Embedding` (call it on data or `build()` it first). "
-                f"Received: layer={layer.name!r} (not built)"
-            )
-        options = dict(
-            mask_zero=layer.mask_zero,
-            name=layer.name,
-            dtype=layer.dtype_policy,
-        )
-        options.update(kwargs)
-        return cls.from_matrix(
-            layer.embeddings,
-            rank=rank,
-            energy=energy,
-            param_ratio=param_ratio,
-            split=split,
-            svd_method=svd_method,
-            **options,
-        )
+        return cls.from_layer(layer, rank, **kwargs)
 
     def to_embedding(self, **kwargs):
         """Merges the factors into a plain, built `keras.layers.Embedding`.
 
         Its table is `A @ B`, so it gives the same outputs, faster on large
-        batches and larger on disk.
+        batches and larger on disk. Same as `merge()`.
 
         Args:
             **kwargs: constructor arguments of `Embedding` that override the
@@ -306,22 +205,43 @@ class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
         """
         if not self.built:
             self.build()
-        options = dict(
-            input_dim=self.input_dim,
-            output_dim=self.output_dim,
-            mask_zero=self.mask_zero,
-            name=self.name,
-            dtype=self.dtype_policy,
-        )
-        options.update(kwargs)
-        embedding = keras.layers.Embedding(**options)
-        embedding.build()
-        merged = np.matmul(
-            ops.convert_to_numpy(self.embeddings_a).astype(np.float64),
-            ops.convert_to_numpy(self.embeddings_b).astype(np.float64),
-        )
-        embedding.embeddings.assign(merged.astype(embedding.embeddings.dtype))
-        return embedding
+        return self.merge(**kwargs)
+
+    @classmethod
+    def _shape_kwargs(cls, a, b, bias, kwargs):
+        if bias is not None:
+            raise validation.invalid_value("bias", "None (an embedding has no bias)", "an array")
+        return {"input_dim": a.shape[0], "output_dim": b.shape[-1]}
+
+    def _build_shape(self, a_shape, b_shape):
+        return None
+
+    @classmethod
+    def matrix_of(cls, layer):
+        return np.asarray(ops.convert_to_numpy(layer.embeddings), dtype=np.float32)
+
+    @classmethod
+    def bias_of(cls, layer):
+        return None
+
+    @classmethod
+    def _counterpart_kwargs(cls, layer):
+        return {"mask_zero": layer.mask_zero, "name": layer.name, "dtype": layer.dtype_policy}
+
+    def _dense_kwargs(self):
+        return {
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "mask_zero": self.mask_zero,
+            "name": self.name,
+            "dtype": self.dtype_policy,
+        }
+
+    def _dense_build_shape(self):
+        return None
+
+    def _dense_weight(self, dense):
+        return dense.embeddings
 
     def get_config(self):
         config = super().get_config()
@@ -329,31 +249,11 @@ class FactorizedEmbedding(fu.TrainableFactorsMixin, keras.layers.Layer):
             {
                 "input_dim": self.input_dim,
                 "output_dim": self.output_dim,
-                "rank": self.rank,
-                "embeddings_a_initializer": keras.initializers.serialize(
-                    self.embeddings_a_initializer
-                ),
-                "embeddings_b_initializer": keras.initializers.serialize(
-                    self.embeddings_b_initializer
-                ),
-                "embeddings_a_regularizer": keras.regularizers.serialize(
-                    self.embeddings_a_regularizer
-                ),
-                "embeddings_b_regularizer": keras.regularizers.serialize(
-                    self.embeddings_b_regularizer
-                ),
+                **self._factor_config(),
                 "activity_regularizer": keras.regularizers.serialize(
                     self.activity_regularizer
                 ),
-                "embeddings_a_constraint": keras.constraints.serialize(
-                    self.embeddings_a_constraint
-                ),
-                "embeddings_b_constraint": keras.constraints.serialize(
-                    self.embeddings_b_constraint
-                ),
                 "mask_zero": self.mask_zero,
-                "a_trainable": self._a_trainable,
-                "b_trainable": self._b_trainable,
             }
         )
         return config

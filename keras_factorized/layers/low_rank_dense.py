@@ -6,12 +6,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_factorized import decomposition
-from keras_factorized.layers import _factor_utils as fu
+from keras_factorized import validation
+from keras_factorized.layers.base import LowRankLayer
 
 
 @keras.saving.register_keras_serializable(package="keras_factorized")
-class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
+class LowRankDense(LowRankLayer):
     """A `Dense` layer whose `m x n` kernel is kept as `A @ B` of rank `k`.
 
     `LowRankDense` computes `output = activation((inputs @ A) @ B + bias)`
@@ -78,7 +78,9 @@ class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
           linear structure for efficient evaluation.
     """
 
-    _factor_variable_names = ("kernel_a", "kernel_b")
+    factor_names = ("kernel_a", "kernel_b")
+    matrix_dim_names = ("input_dim", "units")
+    dense_class = keras.layers.Dense
 
     def __init__(
         self,
@@ -101,52 +103,34 @@ class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.units = fu.check_positive_int("units", units)
-        self.rank = decomposition.validate_rank(rank, (self.units, self.units))
+        self.units = validation.check_positive_int("units", units)
+        rank = validation.check_rank(rank, (self.units, self.units))
+        options = dict(
+            kernel_a_initializer=kernel_a_initializer,
+            kernel_b_initializer=kernel_b_initializer,
+            kernel_a_regularizer=kernel_a_regularizer,
+            kernel_b_regularizer=kernel_b_regularizer,
+            kernel_a_constraint=kernel_a_constraint,
+            kernel_b_constraint=kernel_b_constraint,
+        )
+        self._init_factors(rank, options, a_trainable, b_trainable)
         self.activation = keras.activations.get(activation)
-        self.use_bias = fu.check_bool("use_bias", use_bias)
-        self.kernel_a_initializer = keras.initializers.get(kernel_a_initializer)
-        self.kernel_b_initializer = keras.initializers.get(kernel_b_initializer)
+        self.use_bias = validation.check_bool("use_bias", use_bias)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_a_regularizer = keras.regularizers.get(kernel_a_regularizer)
-        self.kernel_b_regularizer = keras.regularizers.get(kernel_b_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.kernel_a_constraint = keras.constraints.get(kernel_a_constraint)
-        self.kernel_b_constraint = keras.constraints.get(kernel_b_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self._a_trainable = fu.check_bool("a_trainable", a_trainable)
-        self._b_trainable = fu.check_bool("b_trainable", b_trainable)
         self.input_spec = keras.InputSpec(min_ndim=2)
         self.supports_masking = True
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
         if input_dim is None:
-            raise ValueError(
-                "Received an invalid value for `input_shape`, expected a defined "
-                f"last dimension. Received: input_shape={tuple(input_shape)}"
+            raise validation.invalid_value(
+                "input_shape", "a defined last dimension", tuple(input_shape)
             )
         input_dim = int(input_dim)
-        decomposition.validate_rank(self.rank, (input_dim, self.units))
-        factor_dtype = fu.factor_dtype(self.dtype_policy)
-        self.kernel_a = self.add_weight(
-            name="kernel_a",
-            shape=(input_dim, self.rank),
-            initializer=self.kernel_a_initializer,
-            regularizer=self.kernel_a_regularizer,
-            constraint=self.kernel_a_constraint,
-            trainable=self._a_trainable,
-            dtype=factor_dtype,
-        )
-        self.kernel_b = self.add_weight(
-            name="kernel_b",
-            shape=(self.rank, self.units),
-            initializer=self.kernel_b_initializer,
-            regularizer=self.kernel_b_regularizer,
-            constraint=self.kernel_b_constraint,
-            trainable=self._b_trainable,
-            dtype=factor_dtype,
-        )
+        validation.check_rank(self.rank, (input_dim, self.units))
+        self._add_factors((input_dim, self.rank), (self.rank, self.units))
         if self.use_bias:
             self.bias = self.add_weight(
                 name="bias",
@@ -182,77 +166,29 @@ class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
 
-    def set_factors(self, a, b, bias=None):
-        """Sets `A`, `B` (and the bias) from arrays, checking their shapes.
-
-        Args:
-            a: array of shape `(input_dim, rank)`.
-            b: array of shape `(rank, units)`.
-            bias: optional array of shape `(units,)`.
-        """
-        if not self.built:
-            self.build((None, np.shape(a)[0]))
-        fu.assign_factor(self.kernel_a, a, "a", ("input_dim", "rank"))
-        fu.assign_factor(self.kernel_b, b, "b", ("rank", "units"))
-        if bias is not None:
-            if not self.use_bias:
-                raise ValueError(
-                    "Received an invalid value for `bias`, expected None for a "
-                    "layer built with `use_bias=False`. Received: an array"
-                )
-            fu.assign_factor(self.bias, bias, "bias", ("units",))
+    # Conversions: `from_matrix`, `from_layer` and `merge` come from
+    # `LowRankLayer`; these are their names in the vocabulary of `Dense`.
 
     @classmethod
-    def from_kernel(
-        cls,
-        kernel,
-        bias=None,
-        rank=None,
-        energy=None,
-        param_ratio=None,
-        split="balanced",
-        svd_method="auto",
-        **kwargs,
-    ):
+    def from_kernel(cls, kernel, rank=None, *, bias=None, **kwargs):
         """Creates a layer whose factors are the truncated SVD of `kernel`.
+
+        Same as `from_matrix`; the layer uses a bias when `bias` is given.
 
         Args:
             kernel: the `(input_dim, units)` kernel (NumPy array or tensor).
-            bias: optional `(units,)` bias; when given the layer uses a bias.
-            rank: the rank `k`.
-            energy: instead of `rank`: keep this fraction of the squared
-                singular values, in `(0, 1]`.
-            param_ratio: instead of `rank`: keep at most this fraction of
-                the `input_dim * units` kernel weights, in `(0, 1]`.
-            split: `"balanced"` (`A = U S^1/2, B = S^1/2 V^T`), `"left"` or
-                `"right"`; see `decomposition.split_singular_values`.
-            svd_method: the `method` of `truncated_svd`.
-            **kwargs: other constructor arguments (`activation`, `name`, ...).
+            rank: the rank; or `energy=`/`param_ratio=` (see `from_matrix`).
+            bias: optional `(units,)` bias.
+            **kwargs: `energy`, `param_ratio`, `split`, `svd_method`, and
+                other constructor arguments (`activation`, `name`, ...).
 
         Returns:
             A built `LowRankDense`.
         """
-        result = decomposition.truncated_svd(
-            kernel, rank, energy=energy, param_ratio=param_ratio, method=svd_method
-        )
-        a, b = result.factors(split)
-        kwargs.setdefault("use_bias", bias is not None)
-        layer = cls(units=b.shape[1], rank=result.rank, **kwargs)
-        layer.build((None, a.shape[0]))
-        layer.set_factors(a, b, bias)
-        return layer
+        return cls.from_matrix(kernel, rank, bias=bias, **kwargs)
 
     @classmethod
-    def from_dense(
-        cls,
-        layer,
-        rank=None,
-        energy=None,
-        param_ratio=None,
-        split="balanced",
-        svd_method="auto",
-        **kwargs,
-    ):
+    def from_dense(cls, layer, rank=None, **kwargs):
         """Creates a layer approximating a built `keras.layers.Dense`.
 
         The new layer keeps the dense layer's activation, bias (and its
@@ -260,24 +196,43 @@ class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
 
         Args:
             layer: a built `keras.layers.Dense`.
-            rank, energy, param_ratio, split, svd_method: as in `from_kernel`.
-            **kwargs: constructor arguments that override the copied ones.
+            rank: the rank; or `energy=`/`param_ratio=` (see `from_matrix`).
+            **kwargs: `energy`, `param_ratio`, `split`, `svd_method`, and
+                constructor arguments that override the copied ones.
 
         Returns:
             A built `LowRankDense`.
         """
-        if not isinstance(layer, keras.layers.Dense):
-            raise TypeError(
-                "Received an invalid value for `layer`, expected a "
-                f"`keras.layers.Dense`. Received: layer={layer!r}"
-            )
-        if not layer.built:
-            raise ValueError(
-                "Received an invalid value for `layer`, expected a built `Dense` "
-                "(call it on data or `build()` it first). "
-                f"Received: layer={layer.name!r} (not built)"
-            )
-        options = dict(
+        return cls.from_layer(layer, rank, **kwargs)
+
+    def to_dense(self, **kwargs):
+        """Merges the factors into a plain, built `keras.layers.Dense`.
+
+        Same as `merge()`.
+
+        Args:
+            **kwargs: constructor arguments of `Dense` that override the copied
+                ones.
+
+        Returns:
+            A built `keras.layers.Dense` with kernel `A @ B` and the same bias.
+        """
+        return self.merge(**kwargs)
+
+    @classmethod
+    def _shape_kwargs(cls, a, b, bias, kwargs):
+        return {"units": b.shape[-1], "use_bias": bias is not None}
+
+    def _build_shape(self, a_shape, b_shape):
+        return (None, a_shape[0])
+
+    @classmethod
+    def matrix_of(cls, layer):
+        return np.asarray(ops.convert_to_numpy(layer.kernel), dtype=np.float32)
+
+    @classmethod
+    def _counterpart_kwargs(cls, layer):
+        return dict(
             activation=layer.activation,
             use_bias=layer.use_bias,
             bias_initializer=layer.bias_initializer,
@@ -287,34 +242,9 @@ class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
             name=layer.name,
             dtype=layer.dtype_policy,
         )
-        options.update(kwargs)
-        return cls.from_kernel(
-            layer.kernel,
-            bias=layer.bias if layer.use_bias else None,
-            rank=rank,
-            energy=energy,
-            param_ratio=param_ratio,
-            split=split,
-            svd_method=svd_method,
-            **options,
-        )
 
-    def to_dense(self, **kwargs):
-        """Merges the factors into a plain, built `keras.layers.Dense`.
-
-        Args:
-            **kwargs: constructor arguments of `Dense` that override the copied
-                ones.
-
-        Returns:
-            A built `keras.layers.Dense` with kernel `A @ B` and the same bias.
-        """
-        if not self.built:
-            raise ValueError(
-                "Received an invalid value for `self`, expected a built "
-                f"`LowRankDense`. Received: layer={self.name!r} (not built)"
-            )
-        options = dict(
+    def _dense_kwargs(self):
+        return dict(
             units=self.units,
             activation=self.activation,
             use_bias=self.use_bias,
@@ -325,52 +255,24 @@ class LowRankDense(fu.TrainableFactorsMixin, keras.layers.Layer):
             name=self.name,
             dtype=self.dtype_policy,
         )
-        options.update(kwargs)
-        dense = keras.layers.Dense(**options)
-        dense.build((None, self.input_dim))
-        merged = np.matmul(
-            ops.convert_to_numpy(self.kernel_a).astype(np.float64),
-            ops.convert_to_numpy(self.kernel_b).astype(np.float64),
-        )
-        dense.kernel.assign(merged.astype(dense.kernel.dtype))
-        if self.use_bias:
-            dense.bias.assign(ops.convert_to_numpy(self.bias))
-        return dense
+
+    def _dense_build_shape(self):
+        return (None, self.input_dim)
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
                 "units": self.units,
-                "rank": self.rank,
                 "activation": keras.activations.serialize(self.activation),
                 "use_bias": self.use_bias,
-                "kernel_a_initializer": keras.initializers.serialize(
-                    self.kernel_a_initializer
-                ),
-                "kernel_b_initializer": keras.initializers.serialize(
-                    self.kernel_b_initializer
-                ),
+                **self._factor_config(),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "kernel_a_regularizer": keras.regularizers.serialize(
-                    self.kernel_a_regularizer
-                ),
-                "kernel_b_regularizer": keras.regularizers.serialize(
-                    self.kernel_b_regularizer
-                ),
                 "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
                 "activity_regularizer": keras.regularizers.serialize(
                     self.activity_regularizer
                 ),
-                "kernel_a_constraint": keras.constraints.serialize(
-                    self.kernel_a_constraint
-                ),
-                "kernel_b_constraint": keras.constraints.serialize(
-                    self.kernel_b_constraint
-                ),
                 "bias_constraint": keras.constraints.serialize(self.bias_constraint),
-                "a_trainable": self._a_trainable,
-                "b_trainable": self._b_trainable,
             }
         )
         return config

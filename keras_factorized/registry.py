@@ -113,7 +113,9 @@ def register_factorization(source, target, kind=None) -> Rule:
     >>> class MyDense(keras.layers.Dense):
     ...     pass
     >>> rule = register_factorization(MyDense, LowRankDense)
-    >>> lookup(MyDense(4)).rule is rule
+    >>> layer = MyDense(4)
+    >>> layer.build((None, 8))
+    >>> lookup(layer).rule is rule
     True
     >>> unregister_factorization(MyDense)
     """

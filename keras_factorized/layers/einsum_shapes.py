@@ -42,7 +42,7 @@ def einsum_shapes(equation, bias_axes, input_shape, output_shape):
     Example:
 
     >>> einsum_shapes("abc,cde->abde", "de", (None, 5, 16), (None, 4, 8))
-    ([16, 4, 8], [4, 8], [None, 5, 4, 8])
+    ([16, 4, 8], [4, 8], [None, None, 4, 8])
     """
     compact = equation.replace("...", "0")
     for pattern, elided_side in _FORMS:

@@ -1,8 +1,10 @@
 """keras-factorized: Keras 3 layers with low-rank factorized weights.
 
-The core API: `FactorizedEmbedding` and `LowRankDense` (layers whose weight
-matrix is kept as two factors `A @ B`), and `truncated_svd` with the rank
-helpers that initialise them.
+The core API: `FactorizedEmbedding`, `LowRankDense` and `LowRankEinsumDense`
+(layers whose weight matrix is kept as two factors `A @ B`, on one base class
+`LowRankLayer`), `truncated_svd` with the rank helpers that initialise them,
+`factorize` / `merge` for whole models, and `register_factorization` to
+declare which layer classes they may replace.
 """
 
 from keras_factorized.decomposition import SVDResult
@@ -16,6 +18,8 @@ from keras_factorized.decomposition import truncated_svd
 from keras_factorized.layers import FactorizedEmbedding
 from keras_factorized.layers import LowRankDense
 from keras_factorized.layers import LowRankEinsumDense
+from keras_factorized.layers import LowRankLayer
+from keras_factorized.registry import register_factorization
 from keras_factorized.surgery import FactorizationReport
 from keras_factorized.surgery import factorize
 from keras_factorized.version import __version__

@@ -1,21 +1,27 @@
-"""Runs the `Example:` sections of the public docstrings as written."""
+"""Every public name documents itself with a runnable example.
 
-import doctest
-import importlib
+The examples themselves run as doctests (`--doctest-modules`, configured in
+pyproject.toml); this test fails when a public name has none to run.
+"""
 
+import keras
 import pytest
 
-MODULES = [
-    "keras_factorized.atomic_io",
-    "keras_factorized.decomposition",
-    "keras_factorized.layers.factorized_embedding",
-    "keras_factorized.layers.low_rank_dense",
+import keras_factorized
+
+PUBLIC_NAMES = [
+    "FactorizedEmbedding",
+    "LowRankDense",
+    "LowRankEinsumDense",
+    "truncated_svd",
+    "factorize",
 ]
+TENSORFLOW_ONLY_NAMES = ["export_for_serving", "export_tflite", "get_strategy"]
 
 
-@pytest.mark.parametrize("module_name", MODULES)
-def test_docstring_examples_run(module_name):
-    module = importlib.import_module(module_name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0, f"{module_name} has no docstring example"
-    assert result.failed == 0
+@pytest.mark.parametrize("name", PUBLIC_NAMES + TENSORFLOW_ONLY_NAMES)
+def test_public_name_has_a_docstring_example(name):
+    if name in TENSORFLOW_ONLY_NAMES and keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow-only helper; its example runs on the TensorFlow backend")
+    doc = getattr(keras_factorized, name).__doc__ or ""
+    assert ">>>" in doc, f"keras_factorized.{name} has no `>>>` example in its docstring"

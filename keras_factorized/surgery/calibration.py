@@ -1,0 +1,106 @@
+"""Activation statistics of chosen layers, collected while a model runs.
+
+`recording_inputs` patches the `call` of each layer so that it adds its
+inputs to an `ActivationStatistics` (`X^T X`, sum, count) before running,
+and always restores the original `call`, even when the model raises (the
+shape of Keras's `gptq_core.stream_hessians`). `collect_statistics` runs a
+model over calibration data inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+
+from keras_factorized import data_aware
+from keras_factorized.validation import invalid_value
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def batches(data, batch_size, name="calibration_data"):
+    """Model inputs, batch by batch, from an array, a dict/list of arrays or a
+    `tf.data.Dataset` (of `x` or `(x, y[, sample_weight])`)."""
+    if data is None:
+        return
+    if hasattr(data, "as_numpy_iterator"):
+        for element in data.as_numpy_iterator():
+            if isinstance(element, tuple) and len(element) in (2, 3):
+                element = element[0]
+            yield element
+        return
+    if isinstance(data, (list, tuple)) and data and hasattr(data[0], "as_numpy_iterator"):
+        raise invalid_value(name, "one dataset, array or dict", type(data))
+    flat = keras.tree.flatten(data)
+    if not flat:
+        raise invalid_value(name, "a non-empty array, dict of arrays or tf.data.Dataset",
+                            data)
+    n = len(flat[0])
+    for start in range(0, n, batch_size):
+        yield keras.tree.map_structure(lambda a: a[start:start + batch_size], data)
+
+
+@contextlib.contextmanager
+def recording_inputs(layers_and_statistics, input_rows):
+    """Within the block, each layer adds its inputs to its statistics.
+
+    Args:
+        layers_and_statistics: `(layer, statistics, key)` triples; layers
+            with equal `key` that receive the same input tensor (Q, K and V of
+            one attention layer) share one computation of `X^T X`.
+        input_rows: `(key, x) -> rows`, the inputs as rows of features.
+
+    Yields:
+        A function to call before each batch (it clears the shared cache).
+    """
+    cache = {}
+    patched = []
+    try:
+        for layer, statistics, key in layers_and_statistics:
+            original_call = layer.call
+
+            def call(inputs, *args, _stats=statistics, _key=key, _call=original_call,
+                     **kwargs):
+                cache_key = (id(inputs), _key)
+                if cache_key not in cache:
+                    rows = input_rows(_key, to_numpy(inputs)).astype(np.float32)
+                    cache[cache_key] = (rows.T @ rows, rows.sum(0, dtype=np.float64),
+                                        rows.shape[0])
+                gram, total, count = cache[cache_key]
+                _stats.gram += gram
+                _stats.sum += total
+                _stats.count += count
+                return _call(inputs, *args, **kwargs)
+
+            layer.call = call
+            patched.append(layer)
+        yield cache.clear
+    finally:
+        for layer in patched:
+            del layer.call
+        cache.clear()
+
+
+def collect_statistics(model, targets, data, batch_size):
+    """Sets `target.stats` of every non-embedding target from the inputs its
+    layer (in the original `model`) sees when `model` runs on `data`."""
+    entries, by_key = [], {}
+    for t in targets:
+        if t.kind == "embedding":
+            continue
+        t.stats = data_aware.ActivationStatistics(t.shape[0])
+        key = (t.shape[0], t.factorization.equation if t.factorization else None)
+        by_key[key] = t
+        entries.append((t.original, t.stats, key))
+    seen = 0
+    with recording_inputs(entries, lambda key, x: by_key[key].input_rows(x)) as next_batch:
+        for batch in batches(data, batch_size):
+            next_batch()
+            model(batch, training=False)
+            seen += 1
+    if seen == 0:
+        raise invalid_value("calibration_data", "at least one batch", data)

@@ -1,0 +1,155 @@
+"""Options of `factorize`'s methods as config objects (as `Model.quantize(config=...)`).
+
+`WhitenedConfig` holds the options of the activation-aware SVD (`"whitened"`,
+and the start of `"learned"`); `DistillationConfig` those of the training of
+`"learned"`. Each checks its values when it is made, so a wrong option fails
+before any work. The keyword arguments `factorize` took before these objects
+(`damping=`, `distillation_epochs=`, ...) still work: `from_legacy_kwargs`
+turns them into the config objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Sequence
+
+from keras_factorized.validation import invalid_type, invalid_value, is_integer
+
+DISTILLATION_TRAINABLE = ("factors", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class WhitenedConfig:
+    """Options of the activation-aware SVD of `factorize(method="whitened")`.
+
+    Args:
+        damping: added to the diagonal of `X^T X`, as a fraction of its mean,
+            so that directions the calibration data never visited keep a
+            little weight.
+        bias_correction: for layers with a bias, fit the factors to the
+            centred inputs and move the mean output error into the bias
+            (`b' = b + mean(X) (W - A B)`). Off by default: on MiniLM it lowered
+            the layer errors but made the end-to-end embeddings worse.
+
+    Example:
+
+    >>> WhitenedConfig(damping=0.05).damping
+    0.05
+    """
+
+    damping: float = 0.01
+    bias_correction: bool = False
+
+    def __post_init__(self):
+        if (not isinstance(self.damping, numbers.Real) or isinstance(self.damping, bool)
+                or self.damping < 0):
+            raise invalid_value("damping", "a number >= 0", self.damping)
+        if not isinstance(self.bias_correction, bool):
+            raise invalid_type("bias_correction", "a boolean", self.bias_correction)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillationConfig:
+    """Options of the training step of `factorize(method="learned")`.
+
+    Args:
+        data: unlabelled model inputs to distil on (an array, a dict of arrays
+            or a `tf.data.Dataset`); default: `factorize`'s `calibration_data`.
+        epochs: passes over `data`.
+        learning_rate: peak Adam learning rate (linear warm-up over the first
+            10% of the steps, then cosine decay).
+        batch_size: batch size for array `data`.
+        outputs: the outputs to reproduce (keys of a dict output, e.g.
+            `["sequence_output"]`, or indices); default all of them.
+        loss: the Keras loss between the new and the original outputs
+            (`"mse"`, `"cosine_similarity"`, a `keras.losses.Loss`).
+        trainable: `"factors"` trains only the new layers; `"all"` also the
+            layers that were kept (normalizations, ...).
+        seed: seeds the order of the batches.
+
+    Example:
+
+    >>> DistillationConfig(epochs=4, learning_rate=3e-4).epochs
+    4
+    """
+
+    data: Any = None
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    outputs: Sequence | None = None
+    loss: Any = "mse"
+    trainable: str = "factors"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not is_integer(value) or value < 1:
+                raise invalid_value(name, "an integer >= 1", value)
+        if (not isinstance(self.learning_rate, numbers.Real)
+                or isinstance(self.learning_rate, bool) or not self.learning_rate > 0):
+            raise invalid_value("learning_rate", "a number > 0", self.learning_rate)
+        if self.trainable not in DISTILLATION_TRAINABLE:
+            raise invalid_value("trainable", f"one of {DISTILLATION_TRAINABLE}",
+                                self.trainable)
+        if not is_integer(self.seed):
+            raise invalid_value("seed", "an integer", self.seed)
+
+
+# factorize's keyword arguments before the config objects: name -> (config, field).
+LEGACY_KWARGS = {
+    "damping": (WhitenedConfig, "damping"),
+    "bias_correction": (WhitenedConfig, "bias_correction"),
+    "distillation_data": (DistillationConfig, "data"),
+    "distillation_epochs": (DistillationConfig, "epochs"),
+    "distillation_outputs": (DistillationConfig, "outputs"),
+    "distillation_loss": (DistillationConfig, "loss"),
+    "distillation_trainable": (DistillationConfig, "trainable"),
+    "learning_rate": (DistillationConfig, "learning_rate"),
+}
+
+
+def from_legacy_kwargs(whitening, distillation, batch_size, kwargs):
+    """`(whitening, distillation)` configs from `factorize`'s keyword arguments.
+
+    The old keyword arguments (`LEGACY_KWARGS`) update the given configs (or
+    the defaults); naming both `damping=` and `whitening=` is an error.
+    """
+    unknown = sorted(set(kwargs) - set(LEGACY_KWARGS))
+    if unknown:
+        raise TypeError(f"factorize() got an unexpected keyword argument {unknown[0]!r}")
+    configs = {WhitenedConfig: whitening, DistillationConfig: distillation}
+    for cls, config in configs.items():
+        if config is not None and not isinstance(config, cls):
+            name = "whitening" if cls is WhitenedConfig else "distillation"
+            raise invalid_type(name, f"a `{cls.__name__}` or None", config)
+    updates = {WhitenedConfig: {}, DistillationConfig: {"batch_size": batch_size}}
+    for name, value in kwargs.items():
+        cls, field = LEGACY_KWARGS[name]
+        if configs[cls] is not None:
+            raise invalid_value(
+                name, f"to be left out when a `{cls.__name__}` is given (set its "
+                f"`{field}`)", value)
+        updates[cls][field] = value
+    result = []
+    for cls, config in configs.items():
+        if config is None:
+            result.append(_make(cls, updates[cls]))
+        else:
+            result.append(config)
+    return tuple(result)
+
+
+def _make(cls, values):
+    """`cls(**values)`, its errors naming the legacy keyword arguments."""
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        for legacy, (owner, field) in LEGACY_KWARGS.items():
+            if owner is cls and field in values and legacy != field:
+                message = message.replace(f"`{field}`", f"`{legacy}`").replace(
+                    f"Received: {field}=", f"Received: {legacy}=")
+        raise type(e)(message) from None

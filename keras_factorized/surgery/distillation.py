@@ -1,0 +1,103 @@
+"""The training step of `method="learned"`: distil the original model's outputs.
+
+The factor layers of the new model (the *student*) are trained by Adam so
+that its outputs reproduce those of the original model (the *teacher*) on
+unlabelled inputs; every other layer is frozen unless
+`DistillationConfig(trainable="all")`. The teacher's outputs are computed
+once, before training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+
+from keras_factorized.surgery import walk
+from keras_factorized.surgery.calibration import batches, to_numpy
+
+
+def select_outputs(outputs, selection):
+    """The outputs to distil: all (flattened), or the given dict keys / indices."""
+    if selection is None:
+        return keras.tree.flatten(outputs)
+    if isinstance(outputs, dict):
+        return [outputs[k] for k in selection]
+    flat = keras.tree.flatten(outputs)
+    return [flat[i] for i in selection]
+
+
+class _Distiller(keras.Model):
+    """The student's selected outputs, as a model that `train_on_batch` can train."""
+
+    def __init__(self, student, selection, **kwargs):
+        super().__init__(**kwargs)
+        self.student = student
+        self.selection = selection
+
+    def call(self, inputs):
+        return select_outputs(self.student(inputs, training=False), self.selection)
+
+
+@contextlib.contextmanager
+def only_trainable(model, layers, train_all=False):
+    """Within the block, only `layers` of `model` train (all with `train_all`);
+    every layer's `trainable` is restored afterwards."""
+    all_layers = [layer for _, _, layer, _ in walk.walk(model)]
+    saved = [(layer, layer.trainable) for layer in all_layers]
+    ids = {id(layer) for layer in layers}
+    try:
+        for layer in [] if train_all else all_layers:
+            if getattr(layer, "_layers", None):
+                continue  # containers follow their leaves
+            layer.trainable = id(layer) in ids
+        yield
+    finally:
+        for layer, trainable in saved:
+            layer.trainable = trainable
+
+
+def _optimizer(learning_rate, steps):
+    # Warm-up then cosine decay: a constant rate large enough to help later
+    # first knocks the SVD-initialised factors off their good start.
+    warmup = max(1, steps // 10)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, steps - warmup), warmup_target=learning_rate,
+        warmup_steps=warmup)
+    return keras.optimizers.Adam(schedule)
+
+
+def distill(student, teacher, config, layers, data, verbose=0):
+    """Trains `layers` of `student` to reproduce `teacher`'s outputs on `data`.
+
+    Args:
+        student: the factorized model (trained in place).
+        teacher: the original model.
+        config: a `DistillationConfig`.
+        layers: the layers of `student` to train.
+        data: the model inputs (`config.data` or the calibration data).
+        verbose: 1 shows a progress bar.
+
+    Returns:
+        The mean loss of each epoch.
+    """
+    inputs = list(batches(data, config.batch_size, name="distillation_data"))
+    targets = [[to_numpy(y) for y in select_outputs(teacher(x, training=False),
+                                                   config.outputs)] for x in inputs]
+    history = []
+    with only_trainable(student, layers, config.trainable == "all"):
+        distiller = _Distiller(student, config.outputs, name="distiller")
+        distiller.compile(optimizer=_optimizer(config.learning_rate,
+                                               max(1, config.epochs * len(inputs))),
+                          loss=[config.loss] * len(targets[0]))
+        progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
+        rng = np.random.default_rng(config.seed)
+        for _ in range(config.epochs):
+            losses = []
+            for i in rng.permutation(len(inputs)):
+                loss = float(np.ravel(distiller.train_on_batch(inputs[i], targets[i]))[0])
+                losses.append(loss)
+                progbar.add(1, [("loss", loss)])
+            history.append(float(np.mean(losses)))
+    return history

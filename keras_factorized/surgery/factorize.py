@@ -1,0 +1,217 @@
+"""`factorize`: replace the weight matrices of a trained Keras model by low-rank factors.
+
+One call turns a trained model (Sequential, functional, subclassed functional
+such as a KerasHub backbone, with layers nested inside layers) into a copy whose
+`Dense`, `EinsumDense` and `Embedding` layers are `LowRankDense`,
+`LowRankEinsumDense` and `FactorizedEmbedding` initialised from the trained
+weights; `merge` is its inverse. The steps, each in its own module:
+`copying` (a deep copy), `selection` (which layers, through the registry),
+`calibration` (their input statistics), `decompose` (spectra and factors),
+`ranks` (rank allocation), `replace` (putting the new layers in),
+`saving` (so that the copy loads back), `distillation` (`"learned"`) and
+`report`.
+
+Conventions, and why:
+
+- **Method options are config objects** (`whitening=WhitenedConfig(...)`,
+  `distillation=DistillationConfig(...)`), as `keras.Model.quantize(mode,
+  config=...)` takes one: the options of a method live and are checked in one
+  place, and `factorize`'s signature stays short as methods gain options.
+  There are two arguments rather than Keras's one `config` because
+  `"learned"` uses both (it starts from the whitened factors). The keyword
+  arguments of earlier versions (`damping=`, `bias_correction=`,
+  `distillation_data=`, `distillation_epochs=`, `distillation_outputs=`,
+  `distillation_loss=`, `distillation_trainable=`, `learning_rate=`) still
+  work and fill the same objects; giving both forms of one option is an error.
+- **Layers are selected by `filters`**, as in `Model.quantize(filters=...)`:
+  a regular expression on `layer.path`, a layer class, a callable
+  `layer -> bool`, or a list of them (any may match). `include` (same
+  forms, combined with `filters`: both must match) and `exclude` (none may
+  match) stay, because a blacklist reads better than a negated regex.
+- The rank arguments (`rank`, `energy`, `param_ratio` with `allocation`)
+  stay plain arguments: they apply to every method.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_factorized import data_aware
+from keras_factorized.decomposition import check_rank_arguments
+from keras_factorized.surgery import calibration
+from keras_factorized.surgery import config as config_lib
+from keras_factorized.surgery import copying
+from keras_factorized.surgery import decompose
+from keras_factorized.surgery import distillation as distillation_lib
+from keras_factorized.surgery import ranks
+from keras_factorized.surgery import replace
+from keras_factorized.surgery import report as report_lib
+from keras_factorized.surgery import saving
+from keras_factorized.surgery import selection
+from keras_factorized.surgery import walk
+from keras_factorized.validation import (
+    check_choice, check_fraction, check_positive_int, invalid_value)
+
+METHODS = ("svd", "whitened", "learned")
+
+
+def factorize(
+    model: keras.Model,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    param_ratio: float | None = None,
+    method: str = "svd",
+    calibration_data=None,
+    filters=None,
+    include=None,
+    exclude=None,
+    allocation: str = "greedy",
+    split: str = "balanced",
+    whitening: config_lib.WhitenedConfig | None = None,
+    distillation: config_lib.DistillationConfig | None = None,
+    batch_size: int = 32,
+    verbose: int = 0,
+    **legacy_kwargs,
+) -> keras.Model:
+    """Replaces a trained model's weight matrices by low-rank factors.
+
+    Returns a copy of `model` in which every selected `keras.layers.Dense`,
+    `keras.layers.EinsumDense` and `keras.layers.Embedding` (at any depth:
+    inside nested models and inside layers that hold layers, such as the
+    attention projections of a KerasHub `TransformerEncoder`) is replaced by a
+    `LowRankDense`, `LowRankEinsumDense` or `FactorizedEmbedding` initialised
+    from its trained weights. The original model is left untouched. The copy
+    trains with `fit`, saves to `.keras`, loads back with
+    `keras.saving.load_model`, and exports; `merge` turns it back into dense
+    layers. `new_model.factorization_report` (a `FactorizationReport`) lists
+    every selected layer: its rank and errors, or why it was kept (layers
+    directly in the graph of a model that builds its own graph, such as a
+    KerasHub backbone's `pooled_dense`; layers whose factors would not save
+    parameters; layers the registry skips, with its reason).
+
+    Methods: `"svd"` (truncated SVD of each weight, `min ||W - A B||`);
+    `"whitened"` (activation-aware SVD on `calibration_data`, minimising each
+    layer's output error `||X W - X A B||`, SVD-LLM; embeddings use plain SVD);
+    `"learned"` (start from `"whitened"`, or `"svd"` without calibration data,
+    then train the factors so that the whole model reproduces the original
+    outputs).
+
+    Args:
+        model: a built Keras model (Sequential, functional, or a registered
+            subclass with a complete `get_config`, e.g. a KerasHub backbone).
+        rank: one rank for every selected layer.
+        energy: keep, per layer, the fewest singular values whose squares reach
+            this fraction of the total, in `(0, 1]`.
+        param_ratio: one parameter budget for all selected layers together, a
+            fraction in `(0, 1]` of their weights; see `allocation`.
+            Exactly one of `rank`, `energy` and `param_ratio` is given.
+        method: one of `METHODS`.
+        calibration_data: model inputs (an array, a dict or list of arrays, or
+            a `tf.data.Dataset` of `x` or `(x, y)`); needed by `"whitened"`;
+            with it the report gives each layer's relative output error.
+        filters: which layers to factorize: a regular expression on
+            `layer.path`, a layer class, a callable `layer -> bool`, or a list
+            of them. Default: all.
+        include: the same forms; a layer must match both `filters` and it.
+        exclude: the same forms; matching layers are left alone.
+        allocation: with `param_ratio`, one of `ALLOCATIONS`: `"greedy"`
+            spends the budget where it removes the most relative squared error
+            per parameter; `"uniform"` gives every layer the same ratio.
+        split: how singular values are shared between `A` and `B`.
+        whitening: a `WhitenedConfig` (damping, bias correction).
+        distillation: a `DistillationConfig` for `"learned"`.
+        batch_size: batch size to run array calibration data.
+        verbose: 1 shows the distillation progress.
+        **legacy_kwargs: the options of earlier versions (`damping`,
+            `distillation_epochs`, ...; see the module docstring).
+
+    Returns:
+        The factorized copy of `model`, with `factorization_report`.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64),
+    ...                           keras.layers.Dense(2)])
+    >>> small = factorize(model, rank=8)
+    >>> [type(l).__name__ for l in small.layers]
+    ['LowRankDense', 'Dense']
+    >>> small.factorization_report.layers[1].note
+    'kept: rank 8 would not save parameters (at most 1)'
+    """
+    whitening, distillation = config_lib.from_legacy_kwargs(
+        whitening, distillation, batch_size, legacy_kwargs)
+    _check_arguments(model, rank, energy, param_ratio, method, allocation,
+                     calibration_data, distillation)
+    copy = copying.copy_model(model)
+    targets, skipped = selection.find_targets(
+        copy, model, selection.selection(filters, include, exclude))
+    if calibration_data is not None:
+        calibration.collect_statistics(model, targets, calibration_data, batch_size)
+    for t in targets:
+        t.spectrum = decompose.spectrum(t, method, whitening)
+    ranks.choose_ranks(targets, rank, energy, param_ratio, allocation)
+    replacements, rows = {}, []
+    for t in targets:
+        if t.rank is None:
+            rows.append(report_lib.kept_target_row(t))
+            continue
+        a, b, bias = decompose.factors(t, split, whitening)
+        replacements[t.path] = t.rule.build(t.layer, a, b, bias)
+        approx = a.astype(np.float64) @ b.astype(np.float64)
+        rows.append(report_lib.factorized_row(t, replacements[t.path], approx, bias))
+    rows += [report_lib.kept_layer_row(layer, why) for layer, why in skipped]
+    new_model, plan = replace.apply_replacements(copy, replacements)
+    saving.attach_plan(new_model, plan)
+    report = report_lib.FactorizationReport(method=method, layers=rows)
+    if method == "learned":
+        _learn(new_model, model, targets, report, distillation,
+               distillation.data if distillation.data is not None else calibration_data,
+               verbose)
+    object.__setattr__(new_model, "factorization_report", report)
+    return new_model
+
+
+def _check_arguments(model, rank, energy, param_ratio, method, allocation,
+                     calibration_data, distillation):
+    check_rank_arguments(rank, energy, param_ratio)
+    if rank is not None:
+        check_positive_int("rank", rank)
+    if energy is not None:
+        check_fraction("energy", energy)
+    if param_ratio is not None:
+        check_fraction("param_ratio", param_ratio)
+    check_choice("method", method, METHODS)
+    check_choice("allocation", allocation, ranks.ALLOCATIONS)
+    if method == "whitened" and calibration_data is None:
+        raise invalid_value("calibration_data", "model inputs for method='whitened'", None)
+    if method == "learned" and calibration_data is None and distillation.data is None:
+        raise invalid_value("distillation_data",
+                            "model inputs (or `calibration_data`) for method='learned'", None)
+    if not isinstance(model, keras.layers.Layer) or not model.built:
+        raise invalid_value("model", "a built Keras model (call it once or build it)", model)
+
+
+def _learn(new_model, model, targets, report, distillation, data, verbose):
+    """Distils the factors of `new_model`; updates the report's rows."""
+    factorized = [t for t in targets if t.rank is not None]
+    layers = [walk.navigate(new_model, t.path) for t in factorized]
+    history = distillation_lib.distill(new_model, model, distillation, layers, data, verbose)
+    report.notes.append(
+        f"distillation loss ({distillation.loss} to the original outputs) per epoch: "
+        + ", ".join(f"{h:.4g}" for h in history))
+    rows = {r.path: r for r in report.layers}
+    for t, layer in zip(factorized, layers):
+        if t.stats is None:
+            continue
+        row = rows[t.layer.path]
+        a, b = layer.factors()
+        kernel = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+        bias = None if getattr(layer, "bias", None) is None else calibration.to_numpy(layer.bias)
+        norm = np.linalg.norm(t.matrix)
+        row.weight_error = float(np.linalg.norm(t.matrix - kernel) / norm) if norm else 0.0
+        row.output_error = data_aware.relative_output_error(
+            t.stats, t.matrix, kernel, t.bias, bias)
+        row.note = "learned"

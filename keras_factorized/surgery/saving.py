@@ -1,0 +1,136 @@
+"""Saving and loading models whose nested layers `factorize` replaced.
+
+Layers that a parent rebuilds from its own config (a KerasHub
+`TransformerEncoder` builds its attention layer from `num_heads`...) would
+come back dense when the model is loaded. So a model with attribute
+replacements gets a thin registered subclass of its own class (still an
+instance of it) whose config also holds the replacement *plan*;
+`FactorizedModelLoader.from_config` rebuilds the original class from its
+config and re-applies the plan before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import keras
+
+from keras_factorized import _keras_compat
+from keras_factorized.surgery import walk
+
+PLAN_KEY = "keras_factorized_plan"
+_DYNAMIC_CLASSES: dict = {}
+
+
+def factorized_class(base):
+    """A subclass of `base` whose config also records the replacements."""
+    base = getattr(base, "_kf_base", None) or base
+    if base in _DYNAMIC_CLASSES:
+        return _DYNAMIC_CLASSES[base]
+
+    def get_config(self):
+        return {
+            "base": class_reference(base),
+            "config": base.get_config(self),
+            PLAN_KEY: self._kf_plan,
+        }
+
+    cls = type(base.__name__, (base,), {
+        "get_config": get_config,
+        "from_config": classmethod(lambda c, config: FactorizedModelLoader.from_config(config)),
+        "_kf_base": base,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    })
+    _keras_compat.set_registered_name(cls, "keras_factorized>FactorizedModel")
+    _DYNAMIC_CLASSES[base] = cls
+    return cls
+
+
+def class_reference(cls) -> dict:
+    """What `_resolve_class` needs to find `cls` again when loading."""
+    return {
+        "module": cls.__module__,
+        "class_name": cls.__name__,
+        "registered_name": _keras_compat.registered_name(cls),
+    }
+
+
+def _resolve_class(config):
+    """The model class named by a saved `class_reference` (`config["base"]`)."""
+    base_ref = config["base"]
+    base = keras.saving.get_registered_object(base_ref["registered_name"])
+    if base is None:
+        base = getattr(importlib.import_module(base_ref["module"]), base_ref["class_name"])
+    return base
+
+
+@keras.saving.register_keras_serializable(package="keras_factorized",
+                                          name="FactorizedModel")
+class FactorizedModelLoader:
+    """Rebuilds a model saved by `factorize` whose nested layers were replaced.
+
+    Never instantiated: the saved config names it, and its `from_config` builds
+    the original class from its own config, re-applies the recorded
+    replacements, and returns the model (an instance of the original class).
+    """
+
+    def get_config(self):  # pragma: no cover - never instantiated
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        model = _resolve_class(config).from_config(config["config"])
+        reapply_plan(model, config[PLAN_KEY])
+        return model
+
+
+def _build_like(new, old) -> None:
+    """Builds `new` for the inputs `old` was built for."""
+    from keras_factorized.layers import LowRankEinsumDense
+    from keras_factorized.layers.einsum_shapes import EinsumFactorization
+
+    shapes = getattr(old, "_build_shapes_dict", None)
+    if isinstance(new, LowRankEinsumDense):
+        new.build(EinsumFactorization(new.equation).input_shape(tuple(old.kernel.shape)))
+    elif shapes:
+        new.build(next(iter(shapes.values())))
+    elif hasattr(old, "kernel"):
+        new.build((None, int(old.kernel.shape[0])))
+    else:
+        new.build()
+
+
+def reapply_plan(model, plan) -> None:
+    """Replaces the layers listed in `plan` in a freshly built `model`."""
+    for entry in plan:
+        path = tuple(tuple(s) for s in entry["path"])
+        parent = walk.navigate(model, path[:-1])
+        new = keras.saving.deserialize_keras_object(entry["layer"])
+        if not new.built:
+            _build_like(new, walk.get_child(parent, path[-1]))
+        walk.set_child(parent, path[-1], new)
+    attach_plan(model, plan)
+
+
+def attach_plan(model, plan) -> None:
+    """Makes `model` save `plan` with its config (adds to any plan it has)."""
+    if not plan:
+        return
+    model.__class__ = factorized_class(type(model))
+    existing = list(getattr(model, "_kf_plan", None) or [])
+    object.__setattr__(model, "_kf_plan", existing + list(plan))
+
+
+def drop_plan_entries(model, paths) -> None:
+    """Forgets the plan entries at `paths` (their layers were merged back);
+    with none left, `model` is an instance of its original class again."""
+    plan = getattr(model, "_kf_plan", None)
+    if not plan:
+        return
+    paths = {tuple(tuple(s) for s in p) for p in paths}
+    kept = [e for e in plan if tuple(tuple(s) for s in e["path"]) not in paths]
+    object.__setattr__(model, "_kf_plan", kept)
+    if not kept and getattr(type(model), "_kf_base", None) is not None:
+        model.__class__ = type(model)._kf_base
+        object.__delattr__(model, "_kf_plan")

@@ -237,6 +237,16 @@ def iter_matrix_layers(model) -> Iterable:
     return model._flatten_layers(include_self=False, recursive=True)
 
 
+def model_layers(model) -> list:
+    """The layers `inspect_model` looks at, in order (for a progress bar's length)."""
+    return list(iter_matrix_layers(model))
+
+
+def describe_factorizable() -> str:
+    """Which layers `inspect_model` analyses, for help texts."""
+    return "Embedding, Dense and EinsumDense layers"
+
+
 def inspect_model(
     model,
     energies: Sequence[float] = ENERGY_LEVELS,

@@ -5,6 +5,7 @@ console script and `python -m keras_factorized` as real subprocesses to check
 the exit status and the one-line error on stderr.
 """
 
+import argparse
 import doctest
 import json
 import os
@@ -20,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_factorized import cli, spectrum
+from keras_factorized import cli, reporting, spectrum
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TF_ONLY = pytest.mark.skipif(
@@ -111,9 +112,9 @@ def _no_leftovers(folder, keep=()):
 def test_help_of_every_command(capsys, command):
     code, out, _ = _run(capsys, [command, "--help"])
     assert code == 0
-    assert out.startswith(f"usage: keras-factorized {command}")
-    if command != "imdb":
-        assert "(default:" in out
+    # imdb forwards its arguments, --help included, to the example's parser.
+    assert out.startswith("usage: " if command == "imdb" else f"usage: keras-factorized {command}")
+    assert "(default:" in out
 
 
 def test_help_lists_commands_and_flag_defaults(capsys):
@@ -490,15 +491,76 @@ def test_sweep_bad_data(capsys, workdir, tmp_path):
 # ---------------------------------------------------------------- imdb
 
 
-def test_imdb_is_wired_to_the_example(capsys, monkeypatch):
-    from keras_factorized import imdb_classifier
+def _fake_example(folder, body):
+    script = folder / "examples" / "imdb_lstm" / "imdb_lstm.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(body)
+    return str(script)
 
-    seen = {}
-    monkeypatch.setattr(imdb_classifier, "run", lambda args: seen.setdefault("args", args) and {})
-    code, _, err = _run(capsys, ["imdb", "--data", IMDB_FIXTURE, "--ranks", "8,2", "--epochs", "2"])
-    assert code == 0, err
-    args = seen["args"]
-    assert args.data == IMDB_FIXTURE and args.ranks == [8, 2] and args.epochs == 2
+
+def test_imdb_runs_the_example_script_with_its_arguments(capsys, monkeypatch, tmp_path):
+    from keras_factorized.cli import imdb_command
+
+    script = _fake_example(
+        tmp_path,
+        "import argparse, json, sys\n"
+        "def main(argv):\n"
+        "    print(json.dumps({'argv': argv, 'argv0': sys.argv[0]}))\n"
+        "    return 3\n",
+    )
+    monkeypatch.setattr(imdb_command, "example_script", lambda: script)
+    path_before, argv0_before = list(sys.path), sys.argv[0]
+    code, out, err = _run(capsys, ["imdb", "--data", IMDB_FIXTURE, "--ranks", "8,2", "--help"])
+    assert code == 3, err
+    seen = json.loads(out)
+    assert seen["argv"] == ["--data", IMDB_FIXTURE, "--ranks", "8,2", "--help"]
+    assert seen["argv0"] == "keras-factorized imdb"  # argparse's default prog
+    assert sys.path == path_before and sys.argv[0] == argv0_before
+
+
+def test_imdb_argparse_errors_of_the_script_are_one_line(capsys, monkeypatch, tmp_path):
+    from keras_factorized.cli import imdb_command
+
+    script = _fake_example(
+        tmp_path,
+        "import argparse\n"
+        "def main(argv):\n"
+        "    parser = argparse.ArgumentParser()\n"
+        "    parser.add_argument('--epochs', type=int, default=1)\n"
+        "    args = parser.parse_args(argv)\n"
+        "    if args.epochs < 1:\n"
+        "        raise ValueError(f'Received an invalid value for `epochs`: {args.epochs}')\n"
+        "    return 0\n",
+    )
+    monkeypatch.setattr(imdb_command, "example_script", lambda: script)
+    argparse_error = argparse.ArgumentParser.error
+    code, _, err = _run(capsys, ["imdb", "--epochs", "x"])
+    assert code == 2
+    _assert_one_line_error(err, "--epochs", "keras-factorized imdb --help")
+    code, _, err = _run(capsys, ["imdb", "--epochs", "0"])
+    assert code == 2
+    _assert_one_line_error(err, "`epochs`")
+    assert argparse.ArgumentParser.error is argparse_error  # restored
+
+
+def test_imdb_without_a_source_checkout(capsys, monkeypatch):
+    from keras_factorized.cli import imdb_command
+
+    monkeypatch.setattr(imdb_command, "example_script", lambda: None)
+    # The library's old copy of the example is gone (or going): no fallback.
+    monkeypatch.setitem(sys.modules, "keras_factorized.imdb_classifier", None)
+    code, _, err = _run(capsys, ["imdb", "--epochs", "1"])
+    assert code == 2
+    _assert_one_line_error(err, "ships with the source repository", "examples/imdb_lstm")
+
+
+def test_imdb_example_of_this_checkout_is_found():
+    from keras_factorized.cli import imdb_command
+
+    script = imdb_command.example_script()
+    if script is None:
+        pytest.skip("not a source checkout, or the example is not there yet")
+    assert script.endswith(os.path.join("examples", "imdb_lstm", "imdb_lstm.py"))
 
 
 def test_imdb_bad_value_is_one_line(capsys):
@@ -536,7 +598,9 @@ def test_sweep_imdb_reviews_with_string_model(capsys, tmp_path):
     assert rows[1]["params"] < rows[0]["params"]
 
 
-@pytest.mark.parametrize("module", [spectrum, cli], ids=["spectrum", "cli"])
+@pytest.mark.parametrize(
+    "module", [spectrum, cli, reporting], ids=["spectrum", "cli", "reporting"]
+)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -1,0 +1,272 @@
+"""What every `keras-factorized` command shares.
+
+The one-line `UsageError`, the argument parser and help formatter, argument
+types that name the value they received, file checks done before any work,
+model and array loading that turn every failure into a `UsageError`, the
+progress bar and the `--include`/`--exclude` layer filters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import textwrap
+import warnings
+import zipfile
+from typing import Sequence
+
+PROG = "keras-factorized"
+
+_H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+class UsageError(Exception):
+    """A user error: printed as one line on stderr, exit status 2."""
+
+
+def one_line(text, limit: int = 400) -> str:
+    """`text` on one line, at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and raise `UsageError`."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class HelpFormatter(
+    argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
+    """Shows defaults and keeps the line breaks of descriptions and epilogs."""
+
+
+def wrap(*paragraphs: str) -> str:
+    """Paragraphs filled to 79 columns; those starting with spaces are indented items."""
+    out = []
+    for text in paragraphs:
+        indent = text[: len(text) - len(text.lstrip())]
+        out.append(
+            textwrap.fill(
+                " ".join(text.split()), 79, initial_indent=indent,
+                subsequent_indent=indent + "  " if indent else "",
+            )
+        )
+    return "\n\n".join(out)
+
+
+def add_command(subparsers, name: str, **kwargs) -> ArgumentParser:
+    """A command's parser with the shared formatter and the `-q/--quiet` flag."""
+    parser = subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def choices_help(descriptions: dict[str, str], choices: Sequence[str]) -> str:
+    """`"a: ...; b: ..."` for every choice (a choice without a description: its name)."""
+    return "; ".join(
+        f"{c}: {descriptions[c]}" if c in descriptions else str(c) for c in choices
+    )
+
+
+# --------------------------------------------------------------------------
+# Argument types: each raises a one-line message naming the value received.
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], received {text!r}")
+    return value
+
+
+def split_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), received {text!r}")
+    return value
+
+
+def comma_list(item_type, what: str):
+    """An argument type for comma-separated values of `item_type` (`what` they are)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [item_type(part.strip()) for part in text.split(",") if part.strip()]
+        except argparse.ArgumentTypeError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, received {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def rank_list(text: str) -> list[int]:
+    """Comma-separated positive integers, sorted, each once."""
+    return sorted(set(comma_list(positive_int, "positive integers like 4,8,16")(text)))
+
+
+def regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}")
+    return text
+
+
+def add_layer_filters(parser) -> None:
+    """`--include`/`--exclude` regular expressions on layer paths."""
+    parser.add_argument(
+        "--include", type=regex, action="append", metavar="REGEX", default=None,
+        help=(
+            "only factorize layers whose path (as `inspect` prints it) matches "
+            "this regular expression (re.search); repeatable"
+        ),
+    )
+    parser.add_argument(
+        "--exclude", type=regex, action="append", metavar="REGEX", default=None,
+        help="leave alone layers whose path matches this regular expression; repeatable",
+    )
+
+
+# --------------------------------------------------------------------------
+# Files.
+
+
+def check_readable(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"{what} not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} is not readable (permission denied): {path}")
+
+
+def check_model_file(path: str) -> None:
+    """Checks without Keras that `path` looks like a saved Keras model."""
+    check_readable(path, "model file")
+    if os.path.isdir(path):
+        raise UsageError(f"not a Keras model: {path} is a folder, expected a `.keras` file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise UsageError(f"cannot read model file {path}: {e.strerror or e}")
+    if head == _H5_SIGNATURE:
+        return  # Legacy Keras HDF5; load_model will tell if it is not a model.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        names = None
+    if not names or "config.json" not in names:
+        raise UsageError(
+            f"not a Keras model: {path} (expected a `.keras` archive saved by `model.save`)"
+        )
+
+
+def check_output_file(path: str, suffixes: Sequence[str] = (), overwrite=True) -> None:
+    """Checks before any work that `path` can be written."""
+    if suffixes and not path.lower().endswith(tuple(suffixes)):
+        raise UsageError(f"output file {path} must end with {' or '.join(suffixes)}")
+    if os.path.isdir(path):
+        raise UsageError(f"output {path} is a folder, expected a file path")
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"output file {path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"output folder is not writable: {folder}")
+
+
+def import_keras():
+    """Keras, with the keras-factorized layers registered for loading."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    import keras_factorized  # noqa: F401  (registers the layers for loading)
+
+    for module in ("keras_factorized.layers", "keras_factorized.surgery"):
+        with contextlib.suppress(ImportError):
+            __import__(module)
+    return keras
+
+
+def load_model(path: str):
+    """Loads a `.keras` model (with the keras-factorized layers), or UsageError."""
+    check_model_file(path)
+    keras = import_keras()
+    try:
+        with warnings.catch_warnings():
+            # Optimizer slots saved before the first training step do not load
+            # into a built optimizer; no command here uses them.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return keras.saving.load_model(path)
+    except Exception as e:  # Any failure to load is the file's problem here.
+        raise UsageError(f"cannot load {path} as a Keras model: {one_line(e, 300)}")
+
+
+def load_array_file(path: str, what: str):
+    """Loads a `.npy` array or the arrays of a `.npz` file (a dict)."""
+    import numpy as np
+
+    check_readable(path, what)
+    if not path.lower().endswith((".npy", ".npz")):
+        raise UsageError(f"{what} {path} must be a .npy or .npz file")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return data
+        with data:
+            return {key: data[key] for key in data.files}
+    except Exception as e:
+        raise UsageError(f"cannot read {what} {path}: {one_line(e, 200)}")
+
+
+def progbar(target: int, quiet: bool, unit_name: str = "step"):
+    """A Keras progress bar, silent with `--quiet`."""
+    keras = import_keras()
+    return keras.utils.Progbar(target, verbose=0 if quiet else 1, unit_name=unit_name)
+
+
+def factorize(model, **kwargs):
+    """`keras_factorized.factorize`: `(new_model, report)`, or UsageError."""
+    from keras_factorized.surgery import factorize as factorize_model
+
+    try:
+        new_model = factorize_model(model, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise UsageError(one_line(e))
+    return new_model, getattr(new_model, "factorization_report", None)

@@ -1,0 +1,155 @@
+"""`keras-factorized compress`: replace layers by factorized ones and save the model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from keras_factorized.atomic_io import atomic_output
+from keras_factorized.cli import _common
+from keras_factorized.cli._common import PROG
+from keras_factorized.cli._common import UsageError
+
+NAME = "compress"
+
+METHOD_HELP = {
+    "svd": "truncated SVD of each weight matrix",
+    "whitened": (
+        "SVD weighted by the activations each layer sees on --calibration "
+        "data (minimises each layer's output error)"
+    ),
+    "learned": (
+        "starts from whitened, then trains the factors so that the whole "
+        "model's outputs match the original model's on --calibration data "
+        "(distillation, --distillation-epochs passes)"
+    ),
+}
+ALLOCATION_HELP = {
+    "greedy": "spends the budget where it removes the most error per parameter",
+    "uniform": "gives every layer the same ratio",
+}
+# Methods that read the model's inputs.
+CALIBRATED_METHODS = ("whitened", "learned")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from keras_factorized import surgery
+
+    p = _common.add_command(
+        subparsers,
+        NAME,
+        help="replace layers by low-rank factorized ones (keras_factorized.factorize)",
+        description=_common.wrap(
+            "Replaces the factorizable layers (those `inspect` lists with a rank) "
+            "by their factorized versions (keras_factorized.factorize), prints "
+            "its report and saves the new model. Choose the rank with exactly "
+            "one of --rank, --energy or --param-ratio."
+        ),
+        epilog=(
+            "Examples:\n"
+            f"  {PROG} compress model.keras -o small.keras --param-ratio 0.5\n"
+            f"  {PROG} compress model.keras -o small.keras --energy 0.95 --include 'dense'\n"
+            f"  {PROG} compress model.keras -o small.keras --rank 16 --method whitened "
+            "--calibration x_sample.npy"
+        ),
+    )
+    p.add_argument("model", metavar="MODEL.keras", help="the saved Keras model")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="SMALL.keras",
+        help="where to save the compressed model (must end with .keras)",
+    )
+    choice = p.add_mutually_exclusive_group(required=True)
+    choice.add_argument(
+        "--param-ratio", type=_common.fraction, metavar="R",
+        help="keep at most this fraction of the factorizable layers' parameters, in (0, 1]",
+    )
+    choice.add_argument(
+        "--rank", type=_common.positive_int, metavar="K", help="the same rank K for every layer"
+    )
+    choice.add_argument(
+        "--energy", type=_common.fraction, metavar="E",
+        help="per layer, the smallest rank keeping this fraction of the spectral energy, in (0, 1]",
+    )
+    p.add_argument(
+        "--method", choices=surgery.METHODS, default=surgery.METHODS[0],
+        help=_common.choices_help(METHOD_HELP, surgery.METHODS),
+    )
+    p.add_argument(
+        "--calibration", metavar="DATA", default=None,
+        help=(
+            f"model inputs for --method {'/'.join(CALIBRATED_METHODS)}: a .npy array "
+            "or an .npz with an array `x`"
+        ),
+    )
+    _common.add_layer_filters(p)
+    p.add_argument(
+        "--allocation", choices=surgery.ALLOCATIONS, default=surgery.ALLOCATIONS[0],
+        help="with --param-ratio: " + _common.choices_help(ALLOCATION_HELP, surgery.ALLOCATIONS),
+    )
+    p.add_argument(
+        "--distillation-epochs", type=_common.positive_int, default=2, metavar="N",
+        help="with --method learned: passes over the calibration data",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the output file if it exists"
+    )
+    return p
+
+
+def rank_choice(args) -> dict[str, Any]:
+    """The one rank argument given: `{"rank": ...}`, `{"energy": ...}` or `{"param_ratio": ...}`."""
+    for name in ("rank", "energy", "param_ratio"):
+        if getattr(args, name, None) is not None:
+            return {name: getattr(args, name)}
+    raise UsageError("one of --rank, --energy or --param-ratio is required")
+
+
+def _calibration(args):
+    if args.calibration is None:
+        if args.method in CALIBRATED_METHODS:
+            raise UsageError(f"--method {args.method} needs --calibration DATA (.npy or .npz)")
+        return None
+    data = _common.load_array_file(args.calibration, "calibration file")
+    if isinstance(data, dict):
+        for key in ("x", "x_train", "inputs"):
+            if key in data:
+                return data[key]
+        if len(data) == 1:
+            return next(iter(data.values()))
+        raise UsageError(
+            f"calibration file {args.calibration} holds {sorted(data)}; expected an "
+            "array named `x` (or a single array)"
+        )
+    return data
+
+
+def run(args) -> int:
+    _common.check_output_file(args.output, suffixes=(".keras",), overwrite=args.overwrite)
+    calibration = _calibration(args)
+    model = _common.load_model(args.model)
+    choice = rank_choice(args)
+    (name, value), = choice.items()
+    print(f"Factorizing {args.model} (method {args.method}, {name.replace('_', ' ')} {value})")
+    new_model, report = _common.factorize(
+        model,
+        **choice,
+        method=args.method,
+        calibration_data=calibration,
+        include=args.include,
+        exclude=args.exclude,
+        allocation=args.allocation,
+        distillation_epochs=args.distillation_epochs,
+        verbose=0 if args.quiet else 1,
+    )
+    if report is not None:
+        print(report)
+    if getattr(model, "compiled", False) and model.get_compile_config():
+        # A fresh optimizer: the copied one holds slots for the old variables
+        # (saved, it would not load into the factorized model).
+        new_model.compile_from_config(model.get_compile_config())
+    before, after = model.count_params(), new_model.count_params()
+    print(f"Model parameters: {before:,} -> {after:,} ({after / max(before, 1):.1%})")
+    with atomic_output(args.output) as tmp:
+        new_model.save(tmp)
+    print(f"Wrote {args.output}")
+    return 0

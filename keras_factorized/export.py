@@ -30,6 +30,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_factorized.atomic_io import publish_directory
+from keras_factorized.atomic_io import remove_stale_parts
+from keras_factorized.atomic_io import rename_no_replace
+from keras_factorized.atomic_io import temporary_directory
 from keras_factorized.atomic_io import write_bytes
 
 SERVING_SIGNATURE_KEY = "serving_default"
@@ -45,6 +49,9 @@ MERGE_METHODS = ("to_embedding", "to_dense", "merge")
 PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
 
 _VERSION_DIR = re.compile(r"^[0-9]+$")
+# Working folders are named `.export.<host>-<pid>-<random>.part` (hidden; TF
+# Serving only loads integer-named folders).
+_PART_NAME = "export"
 
 
 def _check_backend(function_name: str) -> None:
@@ -137,6 +144,40 @@ def next_version(export_dir: str | os.PathLike) -> int:
         and os.path.isdir(os.path.join(export_dir, name))
     ]
     return max(versions, default=0) + 1
+
+
+def _version_exists(export_dir: str, version: int, overwrite: bool) -> FileExistsError:
+    return FileExistsError(
+        f"Version {version} already exists in {export_dir!r}; pass "
+        "overwrite=True to replace it, or version=None for the next one. "
+        f"Received: version={version}, overwrite={overwrite}"
+    )
+
+
+def _publish_version(tmp_dir: str, export_dir: str, version: int | None,
+                     overwrite: bool) -> int:
+    """Renames the finished `tmp_dir` to a version folder; returns the version.
+
+    Safe across processes and threads: the rename itself fails if the version
+    exists, so with `version=None` each writer claims a distinct number
+    (retrying with the next free one when another writer got there first),
+    and with `overwrite=False` nothing is ever replaced.
+    """
+    if version is not None:
+        try:
+            publish_directory(tmp_dir, os.path.join(export_dir, str(version)),
+                              overwrite=overwrite)
+        except FileExistsError as e:
+            raise _version_exists(export_dir, version, overwrite) from e
+        return version
+    candidate = next_version(export_dir)
+    while True:
+        try:
+            rename_no_replace(tmp_dir, os.path.join(export_dir, str(candidate)))
+            return candidate
+        except FileExistsError:
+            # Another writer published this number (or a file has the name).
+            candidate = max(candidate + 1, next_version(export_dir))
 
 
 def _single_input(model: keras.Model) -> Any:
@@ -339,11 +380,17 @@ def export_for_serving(
     - output `predictions`, always `float32` (mixed-precision models are cast).
       A model with several outputs uses its `output_names`.
 
-    The write is atomic: the SavedModel is written into a hidden temporary
-    folder inside `export_dir` (TF Serving ignores names that are not
-    integers) and renamed to the version folder only once complete, so a
-    server never sees a half-written version. An existing version is never
-    replaced unless `overwrite=True`.
+    The write is atomic, also across processes: the SavedModel is written
+    into a hidden working folder inside `export_dir` (TF Serving ignores
+    names that are not integers), flushed to disk, and renamed to the version
+    folder only once complete, so a server never sees a half-written version.
+    The rename fails if the version exists, so concurrent exports with
+    `version=None` each get their own number (a writer that loses the race
+    takes the next one), and an existing version is never replaced unless
+    `overwrite=True`, which swaps the new folder in with one rename.
+    Folders and files get the permissions a plain write would (the umask's),
+    so a server running as another user can read them. Working folders left
+    by a killed process are removed by the next export.
 
     Args:
         model: A built, single-input Keras model (Functional or Sequential;
@@ -423,15 +470,10 @@ def export_for_serving(
             "is a file"
         )
     os.makedirs(export_dir, exist_ok=True)
-    if version is None:
-        version = next_version(export_dir)
-    version_dir = os.path.join(export_dir, str(version))
-    if os.path.exists(version_dir) and not overwrite:
-        raise FileExistsError(
-            f"Version {version} already exists in {export_dir!r}; pass "
-            "overwrite=True to replace it, or version=None for the next one. "
-            f"Received: version={version}, overwrite={overwrite}"
-        )
+    if version is not None and not overwrite:
+        # Fails early; the publishing rename checks again, atomically.
+        if os.path.lexists(os.path.join(export_dir, str(version))):
+            raise _version_exists(export_dir, version, overwrite)
 
     if merge_factors:
         model = merge_factorized_layers(model)
@@ -446,21 +488,15 @@ def export_for_serving(
         archive.track(resource)
     archive.add_endpoint(SERVING_SIGNATURE_KEY, serve)
 
-    tmp_dir = tempfile.mkdtemp(dir=export_dir, prefix=f".tmp-{version}-")
+    remove_stale_parts(export_dir, _PART_NAME)
+    tmp_dir = temporary_directory(export_dir, _PART_NAME)
     try:
         archive.write_out(tmp_dir, verbose=False)
-        if os.path.exists(version_dir):
-            # overwrite=True: move the old version aside first, so that a
-            # version folder exists (old or new) at every moment.
-            old_dir = tempfile.mkdtemp(dir=export_dir, prefix=f".old-{version}-")
-            os.rename(version_dir, os.path.join(old_dir, "saved_model"))
-            os.rename(tmp_dir, version_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.rename(tmp_dir, version_dir)
+        version = _publish_version(tmp_dir, export_dir, version, overwrite)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    version_dir = os.path.join(export_dir, str(version))
     if verbose:
         keras.utils.io_utils.print_msg(
             f"Exported SavedModel version {version} to {version_dir!r} "
@@ -498,6 +534,13 @@ def saved_model_ops(saved_model_dir: str | os.PathLike) -> set[str]:
         for function in meta_graph.graph_def.library.function:
             ops.update(node.op for node in function.node_def)
     return ops
+
+
+def _file_exists(path: str, overwrite: bool) -> FileExistsError:
+    return FileExistsError(
+        f"{path!r} already exists; pass overwrite=True to replace it. "
+        f"Received: overwrite={overwrite}"
+    )
 
 
 def _float32_copy(model):
@@ -610,11 +653,8 @@ def export_tflite(
             f"integer or None. Received: batch_size={batch_size!r}"
         )
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"{path!r} already exists; pass overwrite=True to replace it. "
-            f"Received: overwrite={overwrite}"
-        )
+    if os.path.lexists(path) and not overwrite:
+        raise _file_exists(path, overwrite)
     model_input = _single_input(model)
     if tf.as_dtype(model_input.dtype) == tf.string:
         raise ValueError(
@@ -666,5 +706,10 @@ def export_tflite(
                 f"Received: batch_size={batch_size}, input shape={tuple(shape)}."
                 f" Converter error: {str(e).splitlines()[0] if str(e) else e!r}"
             ) from e
-    write_bytes(path, flatbuffer)
+    try:
+        # With overwrite=False the rename itself refuses an existing file, so
+        # a file that appeared during the conversion is not replaced either.
+        write_bytes(path, flatbuffer, overwrite=overwrite)
+    except FileExistsError as e:
+        raise _file_exists(path, overwrite) from e
     return path

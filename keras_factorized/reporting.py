@@ -26,7 +26,9 @@ import contextlib
 import csv
 import io
 import json
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
 
 from keras_factorized.atomic_io import atomic_output
 from keras_factorized.atomic_io import write_text
@@ -94,7 +96,10 @@ def format_table(
             for i, (c, w) in enumerate(zip(row, widths))
         ).rstrip()
 
-    rule = "  ".join("-" * w for w in widths)
+    # A text column at the end (notes) is not padded; its rule spans its header.
+    last = len(headers) - 1
+    rules = [len(headers[i]) if i == last and i in left else w for i, w in enumerate(widths)]
+    rule = "  ".join("-" * w for w in rules)
     out = [line(headers), rule] + [line(row) for row in cells[: len(rows)]]
     if footer is not None:
         out += [rule, line(cells[-1])]

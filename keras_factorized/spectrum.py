@@ -1,71 +1,48 @@
 """Singular-value spectra of a model's weight matrices: look before you cut.
 
-`inspect_model` walks a Keras model (nested models and layers included) and,
-for every `Embedding`, `Dense` and `EinsumDense` layer and every layer that is
-already factorized (`FactorizedEmbedding`, `LowRankDense`,
-`LowRankEinsumDense`), computes the singular values of its weight matrix and
-the ranks that keep 90/95/99% of the spectral energy (the sum of squared
-singular values), with the parameters each rank would cost. `format_table`
-prints that as the table of `keras-factorized inspect`; `plot_spectra` draws
-the normalised spectra and cumulative energy curves into a PNG.
+`inspect_model` walks a Keras model with the walker `factorize` uses (nested
+models and layers held in attributes included) and asks the registry
+(`keras_factorized.registry`) about every layer. For each layer `factorize`
+would replace and each layer already factorized, it computes the singular
+values of its weight matrix and the ranks that keep 90/95/99% of the spectral
+energy (the sum of squared singular values), with the parameters each rank
+would cost; a layer holding a weight matrix that `factorize` would keep gets a
+row with the reason its report gives. `format_table` prints that as the table
+of `keras-factorized inspect`; `plot_spectra` draws the normalised spectra and
+cumulative energy curves into a PNG (both through `keras_factorized.reporting`).
 
-How each layer becomes a matrix:
+How each layer becomes a matrix (the registry rule's `matrix`):
 
 - `Embedding`: the `input_dim x output_dim` table.
 - `Dense`: the `input_dim x units` kernel.
 - `EinsumDense`: the kernel matricized as (kernel axes contracted with the
   input) x (kernel axes that reach the output), the matrix that a
   `LowRankEinsumDense` factorizes. Kernels with an axis shared by input and
-  output (a batch of matrices) are skipped.
-- Factorized layers: the product `A @ B` of their factors. Its spectrum is
-  computed from the factors without forming the product: with `A = Q_a R_a`
-  and `B^T = Q_b R_b`, `A @ B = Q_a (R_a R_b^T) Q_b^T`, so the singular values
-  are those of the small `r x r` matrix `R_a R_b^T`.
+  output (a batch of matrices) are kept.
+- Factorized layers: the product `A @ B` of their factors (`layer.factors()`).
+  Its spectrum is computed from the factors without forming the product: with
+  `A = Q_a R_a` and `B^T = Q_b R_b`, `A @ B = Q_a (R_a R_b^T) Q_b^T`, so the
+  singular values are those of the small `r x r` matrix `R_a R_b^T`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from keras_factorized import decomposition
-from keras_factorized.atomic_io import atomic_output
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
-
-_FACTOR_ATTRS = (("embeddings_a", "embeddings_b"), ("kernel_a", "kernel_b"))
-
-
-def _numpy(variable) -> np.ndarray:
-    import keras
-
-    return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float64)
-
-
-def _einsum_split(equation: str, kernel_ndim: int):
-    """Kernel axes contracted with the input, and kernel axes of the output.
-
-    Returns `None` when some kernel axis is in both input and output (a batch
-    of matrices, not one matrix).
-    """
-    lhs, output = equation.replace(" ", "").split("->")
-    inputs, kernel = lhs.split(",")
-    if len(kernel) != kernel_ndim:
-        return None
-    in_axes, out_axes = [], []
-    for axis, letter in enumerate(kernel):
-        in_input, in_output = letter in inputs, letter in output
-        if in_input and in_output:
-            return None
-        (in_axes if in_input else out_axes).append(axis)
-    if not in_axes or not out_axes:
-        return None
-    return in_axes, out_axes
 
 
 def matricize_einsum_kernel(kernel: np.ndarray, equation: str) -> np.ndarray | None:
     """The `EinsumDense` kernel as an (input axes) x (output axes) matrix.
+
+    The matrix that a `LowRankEinsumDense` factorizes (its
+    `EinsumFactorization`).
 
     Args:
         kernel: the kernel, a NumPy array.
@@ -81,13 +58,13 @@ def matricize_einsum_kernel(kernel: np.ndarray, equation: str) -> np.ndarray | N
     >>> matricize_einsum_kernel(k, "abc,cde->abde").shape
     (8, 8)
     """
-    split = _einsum_split(equation, kernel.ndim)
-    if split is None:
+    from keras_factorized.layers.einsum_shapes import EinsumFactorization
+
+    try:
+        factorization = EinsumFactorization(equation)
+    except ValueError:
         return None
-    in_axes, out_axes = split
-    moved = np.transpose(kernel, in_axes + out_axes)
-    rows = int(np.prod([kernel.shape[a] for a in in_axes]))
-    return moved.reshape(rows, -1)
+    return factorization.to_matrix(np.asarray(kernel))
 
 
 def factor_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -143,74 +120,86 @@ def singular_values(matrix) -> np.ndarray:
     return np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
 
 
-def _layer_path(layer) -> str:
-    return getattr(layer, "path", None) or layer.name
+def model_layers(model) -> list[tuple]:
+    """`(parent, step, layer, path)` for every layer reachable from `model`.
 
-
-def _factors(layer):
-    for attr_a, attr_b in _FACTOR_ATTRS:
-        if hasattr(layer, attr_a) and hasattr(layer, attr_b):
-            try:
-                a, b = getattr(layer, attr_a), getattr(layer, attr_b)
-            except (AttributeError, ValueError):
-                return None
-            if a is None or b is None:
-                return None
-            a, b = _numpy(a), _numpy(b)
-            rank = a.shape[-1]
-            # Einsum factors keep their axes: (input axes..., r), (r, output axes...).
-            return a.reshape(-1, rank), b.reshape(rank, -1)
-    return None
-
-
-def layer_spectrum(layer) -> dict[str, Any] | None:
-    """The matrix of one layer and its singular values, or `None` if it has none.
-
-    Args:
-        layer: a built Keras layer.
-
-    Returns:
-        A dict with `class_name`, `shape` (the `(m, n)` matrix shape),
-        `rank` (the stored rank of a factorized layer, else `None`), `params`
-        (weights the layer stores for that matrix) and `singular_values`
-        (decreasing, float64), or `None` for a layer that is not an
-        Embedding/Dense/EinsumDense or a factorized layer, or not built.
+    The walker `factorize` uses (`keras_factorized.surgery.walk`): it also
+    reaches layers held in attributes of other layers (the attention
+    projections of a KerasHub `TransformerEncoder`).
     """
-    import keras
+    from keras_factorized.surgery import walk
 
-    if not layer.built:
+    return list(walk.walk(model))
+
+
+def describe_factorizable() -> str:
+    """The layer classes the registry factorizes, for help texts.
+
+    Example:
+
+    >>> describe_factorizable()
+    'Dense, EinsumDense and Embedding layers'
+    """
+    from keras_factorized import registry
+
+    names = sorted({rule.source.__name__ for rule in registry.rules()})
+    text = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+    return f"{text} layers"
+
+
+def kept_reason(parent, step, layer) -> str | None:
+    """Why `factorize` would keep `layer`, in the words of its report, or None.
+
+    `None` for a layer `factorize` would replace, for an already factorized
+    layer and for a layer without a weight matrix.
+    """
+    from keras_factorized import registry
+    from keras_factorized.surgery import selection
+
+    if registry.is_factorized(layer):
         return None
-    class_name = type(layer).__name__
-    factors = _factors(layer)
-    if factors is not None:
-        a, b = factors
-        s = factor_singular_values(a, b)
+    decision = registry.lookup(layer)
+    if decision.rule is None and decision.reason is None:
+        return None
+    return selection._why_kept(parent, step, decision)
+
+
+def _spectrum_row(layer) -> dict[str, Any] | None:
+    """Shape, stored rank, matrix parameters and singular values of one layer."""
+    from keras_factorized import registry
+
+    if registry.is_factorized(layer):
+        a, b = (np.asarray(f, np.float64) for f in layer.factors())
         return {
-            "class_name": class_name,
             "shape": (int(a.shape[0]), int(b.shape[1])),
             "rank": int(a.shape[1]),
             "params": int(a.size + b.size),
-            "singular_values": s,
+            "singular_values": factor_singular_values(a, b),
         }
-    if isinstance(layer, keras.layers.Embedding):
-        matrix = _numpy(layer.embeddings)
-    elif isinstance(layer, keras.layers.Dense):
-        matrix = _numpy(layer.kernel)
-    elif isinstance(layer, keras.layers.EinsumDense):
-        matrix = matricize_einsum_kernel(_numpy(layer.kernel), layer.equation)
-        if matrix is None:
-            return None
-    else:
+    rule = registry.lookup(layer).rule
+    if rule is None:
         return None
+    matrix = np.asarray(rule.matrix(layer), np.float64)
     if matrix.ndim != 2 or min(matrix.shape) == 0:
         return None
-    s = singular_values(matrix)
     return {
-        "class_name": class_name,
         "shape": (int(matrix.shape[0]), int(matrix.shape[1])),
         "rank": None,
         "params": int(matrix.size),
-        "singular_values": np.asarray(s, dtype=np.float64),
+        "singular_values": singular_values(matrix),
+    }
+
+
+def _kept_row(layer, reason: str) -> dict[str, Any]:
+    weight = getattr(layer, "kernel", None)
+    if weight is None:
+        weight = getattr(layer, "embeddings", None)
+    shape = () if weight is None else tuple(int(d) for d in weight.shape)
+    return {
+        "shape": shape, "rank": None, "max_rank": None,
+        "params": int(np.prod(shape)) if shape else 0,
+        "singular_values": np.zeros(0), "energy": np.zeros(0), "levels": [],
+        "note": reason,
     }
 
 
@@ -232,19 +221,23 @@ def _levels(shape, params, singular_values, energies):
     return levels
 
 
-def iter_matrix_layers(model) -> Iterable:
-    """Every layer of `model` (nested ones included), each once, in order."""
-    return model._flatten_layers(include_self=False, recursive=True)
+def _analysed_row(info, energies) -> dict[str, Any]:
+    s = info["singular_values"]
+    sq = np.square(s)
+    total = float(np.sum(sq))
+    return {
+        **info,
+        "max_rank": int(min(info["shape"])),
+        "energy": np.cumsum(sq) / total if total > 0 else np.ones_like(s),
+        "levels": _levels(info["shape"], info["params"], s, energies),
+        "note": None,
+    }
 
 
-def model_layers(model) -> list:
-    """The layers `inspect_model` looks at, in order (for a progress bar's length)."""
-    return list(iter_matrix_layers(model))
-
-
-def describe_factorizable() -> str:
-    """Which layers `inspect_model` analyses, for help texts."""
-    return "Embedding, Dense and EinsumDense layers"
+_ROW_KEYS = (
+    "path", "class_name", "shape", "rank", "max_rank", "params",
+    "singular_values", "energy", "levels", "note",
+)
 
 
 def inspect_model(
@@ -253,6 +246,13 @@ def inspect_model(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Spectral analysis of every factorizable or factorized layer of a model.
+
+    The layers are those of the registry (`keras_factorized.registry`), found
+    by the walker `factorize` uses: a layer that `factorize` would replace is
+    analysed through its weight matrix, an already factorized layer through
+    the product of its factors, and a layer holding a weight matrix that
+    `factorize` would keep (a `ReversibleEmbedding`, a quantized layer...)
+    gets a row with no spectrum and the reason `factorize`'s report gives.
 
     Args:
         model: a built Keras model (a layer with sublayers works too).
@@ -267,11 +267,13 @@ def inspect_model(
         of a factorized layer, else `None`), `max_rank` (`min(m, n)`),
         `params` (weights stored for the matrix: `m * n`, or `(m + n) * rank`
         for a factorized layer), `singular_values` (NumPy array, decreasing),
-        `energy` (cumulative energy fraction at each rank) and `levels`: one
+        `energy` (cumulative energy fraction at each rank), `levels`: one
         dict per energy with `energy`, `rank` (the fewest singular values
         keeping it), `params` (`(m + n) * rank`, the cost of factors of that
         rank) and `saving` (`1 - params_at_rank / params`; negative when
-        factors of that rank would be larger than what the layer stores).
+        factors of that rank would be larger than what the layer stores), and
+        `note`: `None`, or why `factorize` keeps the layer (then `levels` is
+        empty and `shape` is that of the stored weight).
 
     Example:
 
@@ -283,42 +285,35 @@ def inspect_model(
     """
     for energy in energies:
         decomposition.rank_for_energy(np.ones(1), energy)  # validates
-    layers = list(iter_matrix_layers(model))
+    layers = model_layers(model)
     rows = []
-    for done, layer in enumerate(layers, start=1):
-        info = layer_spectrum(layer)
-        if info is not None:
-            s = info["singular_values"]
-            sq = np.square(s)
-            total = float(np.sum(sq))
-            info["energy"] = np.cumsum(sq) / total if total > 0 else np.ones_like(s)
-            info["path"] = _layer_path(layer)
-            info["max_rank"] = int(min(info["shape"]))
-            info["levels"] = _levels(info["shape"], info["params"], s, energies)
-            rows.append(
-                {
-                    key: info[key]
-                    for key in (
-                        "path", "class_name", "shape", "rank", "max_rank", "params",
-                        "singular_values", "energy", "levels",
-                    )
-                }
-            )
+    for done, (parent, step, layer, _) in enumerate(layers, start=1):
+        reason = kept_reason(parent, step, layer)
+        if reason is not None:
+            row = _kept_row(layer, reason)
+        else:
+            info = _spectrum_row(layer)
+            row = None if info is None else _analysed_row(info, energies)
+        if row is not None:
+            row.update(path=layer.path, class_name=type(layer).__name__)
+            rows.append({key: row[key] for key in _ROW_KEYS})
         if progress is not None:
-            progress(done, len(layers), _layer_path(layer))
+            progress(done, len(layers), layer.path)
     return rows
 
 
 def summary_levels(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Totals over `rows` when every layer is cut at each energy level.
+    """Totals over the analysed `rows` when every layer is cut at each energy level.
 
     A layer whose factors at that level would be larger than what it stores is
-    counted as kept as it is (nobody would factorize it).
+    counted as kept as it is (nobody would factorize it). Rows of kept layers
+    (with a `note`) are left out.
 
     Returns:
         One dict per energy level: `energy`, `params` (total after cutting),
         `saving` (fraction of the total matrix parameters saved).
     """
+    rows = [row for row in rows if row["levels"]]
     if not rows:
         return []
     total = sum(row["params"] for row in rows)
@@ -336,8 +331,7 @@ def summary_levels(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _shape_text(row) -> str:
-    m, n = row["shape"]
-    text = f"{m}x{n}"
+    text = "x".join(str(d) for d in row["shape"])
     if row["rank"] is not None:
         text += f" r={row['rank']}"
     return text
@@ -348,37 +342,36 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
     Each energy column shows the rank that keeps that energy and, in
     brackets, the parameter saving of factors of that rank against what the
-    layer stores now.
+    layer stores now. Layers `factorize` would keep show why instead; the
+    total counts the analysed layers.
     """
+    from keras_factorized import reporting
+
+    analysed = [row for row in rows if row["levels"]]
     if not rows:
-        return "No Embedding, Dense, EinsumDense or factorized layer found."
-    energies = [level["energy"] for level in rows[0]["levels"]]
+        return "No factorizable or factorized layer found."
+    energies = [level["energy"] for level in analysed[0]["levels"]] if analysed else []
     headers = ["layer", "type", "matrix", "params"] + [
         f"rank@{e:.0%} (saving)" for e in energies
     ]
     body = []
     for row in rows:
-        body.append(
-            [row["path"], row["class_name"], _shape_text(row), f"{row['params']:,}"]
-            + [f"{lv['rank']} ({lv['saving']:+.0%})" for lv in row["levels"]]
-        )
-    totals = summary_levels(rows)
-    body.append(
-        ["total", "", "", f"{sum(r['params'] for r in rows):,}"]
-        + [f"{t['params']:,} ({t['saving']:+.0%})" for t in totals]
-    )
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
-    left = {0, 1, 2}
-
-    def line(cells):
-        return "  ".join(
-            c.ljust(w) if i in left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = [line(headers), rule] + [line(r) for r in body[:-1]] + [rule, line(body[-1])]
-    return "\n".join(lines)
+        cells = [row["path"], row["class_name"], _shape_text(row), f"{row['params']:,}"]
+        if row["levels"]:
+            cells += [f"{lv['rank']} ({lv['saving']:+.0%})" for lv in row["levels"]]
+        else:
+            cells += ["-"] * len(energies)
+        body.append(cells)
+    if any(row["note"] for row in rows):
+        headers.append("note")
+        for cells, row in zip(body, rows):
+            cells.append(row["note"] or "")
+    footer = ["total", "", "", f"{sum(r['params'] for r in analysed):,}"] + [
+        f"{t['params']:,} ({t['saving']:+.0%})" for t in summary_levels(rows)
+    ]
+    footer += [""] * (len(headers) - len(footer))
+    return reporting.format_table(headers, body, footer=footer, left=[0, 1, 2, len(headers) - 1]
+                                  if "note" in headers else [0, 1, 2])
 
 
 def to_jsonable(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -393,11 +386,6 @@ def to_jsonable(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _atomic_savefig(figure, path: str) -> None:
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
 def plot_spectra(
     rows: Sequence[dict[str, Any]],
     path: str,
@@ -408,8 +396,9 @@ def plot_spectra(
 
     Left panel: `s_i / s_1` against `i` (log scale). Right panel: the fraction
     of spectral energy kept by the first `i` singular values, with the
-    levels of the rows marked. The file is written to a temporary path in the
-    same folder and renamed into place.
+    levels of the rows marked. Rows of kept layers (no spectrum) are left
+    out. The file is written to a temporary path in the same folder and
+    renamed into place.
 
     Args:
         rows: the output of `inspect_model`.
@@ -420,46 +409,32 @@ def plot_spectra(
     Returns:
         `path`.
     """
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from keras_factorized import reporting
 
-    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(12, 4.8))
-    try:
-        cmap = plt.get_cmap("viridis" if len(rows) > 10 else "tab10")
-        for i, row in enumerate(rows):
-            color = cmap(i / max(1, len(rows) - 1)) if len(rows) > 10 else cmap(i)
-            s = np.asarray(row["singular_values"], dtype=np.float64)
-            ranks = np.arange(1, s.shape[0] + 1)
-            top = s[0] if s.size and s[0] > 0 else 1.0
-            label = f"{row['path']} ({_shape_text(row)})"
-            marker = "o" if s.shape[0] < 3 else None
-            ax_s.plot(ranks, np.maximum(s / top, 1e-12), color=color, label=label, marker=marker)
-            ax_e.plot(ranks, row["energy"], color=color, marker=marker)
-        ax_s.set_yscale("log")
-        ax_s.set_xlabel("index i")
-        ax_s.set_ylabel("s_i / s_1")
-        ax_s.set_title("Normalised singular values")
-        if rows:
-            for level in rows[0]["levels"]:
-                ax_e.axhline(level["energy"], color="gray", linestyle=":", linewidth=1)
-        ax_e.set_xscale("log")
-        ax_e.set_xlabel("rank k")
-        ax_e.set_ylabel("energy kept (sum of s_i^2, i <= k)")
+    rows = [row for row in rows if row["levels"]]
+    cmap = colormaps["viridis" if len(rows) > 10 else "tab10"]
+    spectra, energies = [], []
+    for i, row in enumerate(rows):
+        color = cmap(i / max(1, len(rows) - 1)) if len(rows) > 10 else cmap(i)
+        s = np.asarray(row["singular_values"], dtype=np.float64)
+        ranks = np.arange(1, s.shape[0] + 1)
+        top = s[0] if s.size and s[0] > 0 else 1.0
+        style = "o-" if s.shape[0] < 3 else "-"
+        spectra.append({"x": ranks, "y": np.maximum(s / top, 1e-12), "style": style,
+                        "color": color, "label": f"{row['path']} ({_shape_text(row)})"})
+        energies.append({"x": ranks, "y": row["energy"], "style": style, "color": color})
+    levels = [{"y": lv["energy"]} for lv in rows[0]["levels"]] if rows else []
+    with reporting.figure(path, panels=2, size=(12, 4.8), title=title) as (ax_s, ax_e):
+        reporting.draw_series(
+            ax_s, spectra, xlabel="index i", ylabel="s_i / s_1",
+            title="Normalised singular values", yscale="log",
+            legend=len(rows) <= max_legend,
+        )
+        reporting.draw_series(
+            ax_e, energies, xlabel="rank k", ylabel="energy kept (sum of s_i^2, i <= k)",
+            title="Cumulative spectral energy", xscale="log", hlines=levels,
+        )
         ax_e.set_ylim(0, 1.02)
-        ax_e.set_title("Cumulative spectral energy")
-        for ax in (ax_s, ax_e):
-            ax.grid(True, which="both", alpha=0.3)
-        if 0 < len(rows) <= max_legend:
-            fig.legend(
-                loc="lower center", ncol=min(3, len(rows)), fontsize="small",
-                bbox_to_anchor=(0.5, -0.02 - 0.045 * ((len(rows) + 2) // 3)),
-            )
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        _atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
     return path

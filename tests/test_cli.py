@@ -21,7 +21,9 @@ import keras
 import numpy as np
 import pytest
 
-from keras_factorized import cli, reporting, spectrum
+from keras_factorized import cli
+from keras_factorized import reporting
+from keras_factorized import spectrum
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TF_ONLY = pytest.mark.skipif(
@@ -300,7 +302,8 @@ def test_inspect_missing_output_folder(capsys, workdir, tmp_path):
 
 
 def test_spectrum_of_factorized_layers_matches_product():
-    from keras_factorized import FactorizedEmbedding, LowRankDense
+    from keras_factorized import FactorizedEmbedding
+    from keras_factorized import LowRankDense
 
     inputs = keras.Input((6,), dtype="int32")
     h = FactorizedEmbedding(40, 12, rank=3, name="fe")(inputs)
@@ -328,6 +331,38 @@ def test_spectrum_of_factorized_layers_matches_product():
     # A factorized layer keeping all its energy at its own rank saves nothing.
     assert rows["fe"]["levels"][-1]["rank"] <= 3
     assert rows["fe"]["levels"][-1]["saving"] >= 0
+
+
+@needs_surgery
+def test_inspect_and_compress_agree_on_every_layer(capsys, tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    from keras_factorized import factorize
+
+    inputs = keras.Input((6,), dtype="int32")
+    tokens = keras_hub.layers.ReversibleEmbedding(50, 16, name="tokens")
+    h = keras.layers.Dense(16, name="hidden")(tokens(inputs))
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(6, 8), name="proj")(h)
+    h = keras.layers.Dense(16, name="back")(h)
+    model = keras.Model(inputs, tokens(h, reverse=True))
+    model.save(tmp_path / "tied.keras")
+
+    rows = {row["path"]: row for row in spectrum.inspect_model(model)}
+    report = {r.path: r for r in factorize(model, rank=2).factorization_report.layers}
+    assert sorted(rows) == sorted(report) == ["back", "hidden", "proj", "tokens"]
+    for path, row in rows.items():
+        if row["note"]:  # kept, for the same reason
+            assert report[path].rank is None and report[path].note == row["note"], path
+        else:
+            assert report[path].rank == 2 and row["levels"], path
+    assert "ReversibleEmbedding" in rows["tokens"]["note"]
+    assert rows["tokens"]["levels"] == [] and rows["tokens"]["shape"] == (50, 16)
+
+    code, out, err = _run(capsys, ["inspect", tmp_path / "tied.keras", "-q"])
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("tokens"))
+    assert rows["tokens"]["note"] in line and "%" not in line
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split()[1] == f"{16 * 16 + 16 * 8 + 8 * 16:,}"  # the analysed layers
 
 
 def test_matricize_einsum_kernel_orders_axes():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os  # noqa: F401  (tests fake `os.access` through `cli.os`)
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from keras_factorized.cli import compress_command
 from keras_factorized.cli import export_command
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", parser_class=ArgumentParser
     )
     subparsers.required = True
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         module.add_parser(subparsers).set_defaults(run=module.run)
     return parser
 

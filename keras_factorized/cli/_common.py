@@ -15,7 +15,7 @@ import re
 import textwrap
 import warnings
 import zipfile
-from typing import Sequence
+from collections.abc import Sequence
 
 PROG = "keras-factorized"
 

@@ -15,7 +15,8 @@ import contextlib
 import importlib.util
 import os
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 
 from keras_factorized.cli import _common
 from keras_factorized.cli._common import PROG

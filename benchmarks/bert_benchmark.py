@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,23 +37,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_factorized.atomic_io import write_text  # noqa: E402
+from benchmarks.examples import load_example  # noqa: E402
 from benchmarks.report import machine_description  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
+from keras_factorized.atomic_io import write_text  # noqa: E402
+from keras_factorized.datasets.imdb import balanced_sample  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO_ROOT, "..", "shared", "data", "aclImdb_v1.tar.gz")
-# The model loading, sampling and scoring helpers are the example's own, so
-# the benchmark measures exactly what `examples/bert_reparameterize.py` shows.
-sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
-from bert_reparameterize import ALL_SIX  # noqa: E402
-from bert_reparameterize import QKV  # noqa: E402
-from bert_reparameterize import balanced_sample  # noqa: E402
-from bert_reparameterize import load_minilm  # noqa: E402
-from bert_reparameterize import mean_cosine  # noqa: E402
-from bert_reparameterize import sentence_embeddings  # noqa: E402
-from bert_reparameterize import tokenize  # noqa: E402
+# The model loading and scoring helpers are the example's own, so the
+# benchmark measures exactly what `examples/bert_reparameterize/` shows.
+_example = load_example("bert_reparameterize")
+ALL_SIX, QKV = _example.ALL_SIX, _example.QKV
+load_minilm, mean_cosine = _example.load_minilm, _example.mean_cosine
+sentence_embeddings, tokenize = _example.sentence_embeddings, _example.tokenize
 
 
 def compression_experiments(backbone, calibration, evaluation, distillation, args, log):

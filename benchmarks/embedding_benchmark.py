@@ -1,7 +1,7 @@
 """`FactorizedEmbedding` against `keras.layers.Embedding` in the IMDB LSTM.
 
 The example's classifier (vocabulary 20,000, embedding 128, 200 tokens,
-LSTM 64, batch 64; `keras_factorized.imdb_classifier.build_classifier`) with a
+LSTM 64, batch 64; `build_model` of examples/imdb_lstm/imdb_lstm.py) with a
 full `Embedding`, with `FactorizedEmbedding` at a few ranks, and with the
 factors merged back into an `Embedding` (`export.merge_factorized_layers`,
 i.e. `to_embedding()`), on random token ids: the median time of a training
@@ -20,6 +20,7 @@ import argparse
 import numpy as np
 
 from benchmarks import _common
+from benchmarks.examples import load_example
 from benchmarks.report import machine_description, markdown_table, update_section, write_json
 
 TRAIN_GOAL = 1.3  # training step, at most this times the Embedding's
@@ -30,7 +31,8 @@ def _models(vocab, dim, length, units, ranks, seed=0):
     import keras
 
     from keras_factorized.export import merge_factorized_layers
-    from keras_factorized.imdb_classifier import build_classifier
+
+    build_classifier = load_example("imdb_lstm").build_model
 
     keras.utils.set_random_seed(seed)
     models = {"Embedding": build_classifier(vocab, length, dim, units, name="full")}

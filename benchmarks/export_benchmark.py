@@ -37,6 +37,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.examples import load_example  # noqa: E402
 from benchmarks.report import machine_description, markdown_table, update_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +103,8 @@ def run(args) -> str:
         export_tflite,
         merge_factorized_layers,
     )
-    from keras_factorized.imdb_classifier import build_classifier
+
+    build_classifier = load_example("imdb_lstm").build_model
 
     load = os.getloadavg()[0]
     work = args.output_dir or tempfile.mkdtemp(prefix="export-benchmark-")

@@ -11,13 +11,14 @@ BENCHMARKS.md.
 
     python -m benchmarks.imdb_benchmark --data ../shared/data/aclImdb_v1.tar.gz
 
-Runs on the training recipe of `keras_factorized.imdb_classifier` (the same
-defaults as `keras-factorized imdb`); extra flags are passed through to it.
+Runs the example `examples/imdb_lstm/imdb_lstm.py` once per seed (its
+functions, loaded by `benchmarks.examples.load_example`, with its defaults);
+its flags are accepted here too. Statistics, tables and the plot come from
+`benchmarks.seed_stats`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import statistics
@@ -27,7 +28,11 @@ import time
 
 import numpy as np
 
-from benchmarks.report import machine_description, markdown_table, update_section
+from benchmarks import seed_stats
+from benchmarks.examples import load_example
+from benchmarks.report import machine_description
+from benchmarks.report import markdown_table
+from benchmarks.report import update_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "aclImdb_v1.tar.gz")
@@ -94,15 +99,14 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
         f"(taken from train) / {args.test_count:,} test reviews. Seeds: {seeds}"
         + (f"; wall time {elapsed / 60:.0f} min." if elapsed else "."),
         "",
-        f"Recipe: TextVectorization (vocabulary {args.vocab_size:,}, {args.sequence_length} tokens, "
-        f"truncate `{args.truncate}`), embedding {args.embedding_dim}, "
-        f"{'bidirectional ' if args.bidirectional else ''}LSTM({args.lstm_units}), "
-        f"`mask_zero={args.mask_zero}`, dropout {args.dropout}, Adam lr {args.learning_rate} "
-        f"with `clipnorm={args.clipnorm}`, batch {args.batch_size}, at most {args.epochs} "
-        f"epochs with EarlyStopping(val_accuracy, patience={args.patience}, "
+        f"Recipe: TextVectorization (vocabulary {args.vocab_size:,}, last {args.sequence_length} tokens "
+        f"kept), embedding {args.embedding_dim}, LSTM({args.lstm_units}), `mask_zero=True`, "
+        f"Adam lr {args.learning_rate} with `clipnorm=1.0`, batch {args.batch_size}, at most "
+        f"{args.epochs} epochs with EarlyStopping(val_accuracy, patience=1, "
         "restore_best_weights=True). SVD rows: the trained baseline's embedding compressed "
         f"by `FactorizedEmbedding.from_embedding`, then {args.svd_epochs} epoch(s) of "
-        f"fine-tuning of the whole model at learning rate {args.svd_learning_rate or args.learning_rate}. Sizes: `.keras` files without optimizer state.",
+        f"fine-tuning of the whole model at learning rate {args.svd_learning_rate}. "
+        "Sizes: `.keras` files without optimizer state.",
         "",
     ]
     headers = [
@@ -211,9 +215,9 @@ def render_from_results(args, command):
     """Rewrites the section from saved per-seed results, without training."""
     import json
 
-    from keras_factorized import imdb_classifier
     from keras_factorized.datasets import imdb
 
+    example = load_example("imdb_lstm")
     rows, config = [], {}
     for seed in args.seeds:
         with open(os.path.join(args.output_dir, f"seed{seed}", "results.json")) as f:
@@ -225,21 +229,16 @@ def render_from_results(args, command):
     for row in rows:
         key = (row["kind"], row["rank"])
         if key not in sizes:
-            model = imdb_classifier.build_classifier(
+            model = example.build_model(
                 config["vocab_size_actual"], args.sequence_length, args.embedding_dim,
                 args.lstm_units, rank=None if row["kind"] == "baseline" else row["rank"],
-                mask_zero=args.mask_zero, bidirectional=args.bidirectional,
-                dropout=args.dropout, lstm_unroll=args.lstm_unroll,
             )
-            sizes[key] = imdb_classifier._saved_size(model)
+            sizes[key] = example.saved_size(model)
         row["model_size_bytes"] = sizes[key]
-    data = imdb.load_data(
-        args.data, validation_split=args.validation_split, seed=args.data_seed,
-        max_samples=args.max_samples,
-    )
+    data = imdb.load_data(args.data, seed=example.DATA_SEED, max_samples=args.max_samples)
     args.train_count, args.val_count, args.test_count = (len(s.texts) for s in data)
-    summary = imdb_classifier.summarize(rows)
-    imdb_classifier.write_outputs(args.output_dir, rows, summary, {"seeds": args.seeds})
+    summary = seed_stats.summarize(rows)
+    seed_stats.write_outputs(args.output_dir, rows, summary, {"seeds": args.seeds})
     word_vectors = None if args.skip_word_vectors else time_word_vectors()
     command = command.replace(" --from-results", "")
     markdown = build_markdown({"rows": rows, "summary": summary}, args, command, word_vectors)
@@ -259,35 +258,33 @@ def render_from_results(args, command):
     return 0
 
 
-def main(argv=None):
-    from keras_factorized import imdb_classifier
+def seed_list(text):
+    """`"0,1,2"` -> `[0, 1, 2]`."""
+    return [int(part) for part in text.split(",") if part.strip()]
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    imdb_classifier.add_arguments(parser)
+
+def build_parser():
+    """The example's parser plus the benchmark's own flags and defaults."""
+    parser = load_example("imdb_lstm").build_parser()
+    parser.prog = "python -m benchmarks.imdb_benchmark"
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="one run of the example per seed")
     parser.add_argument("--skip-word-vectors", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="Do not touch BENCHMARKS.md.")
-    parser.add_argument(
-        "--section",
-        default="imdb",
-        help="BENCHMARKS.md section to write (default: imdb); another name for a side experiment.",
-    )
+    parser.add_argument("--section", default="imdb",
+                        help="BENCHMARKS.md section to write; another name for a side experiment.")
     parser.add_argument("--title", default="IMDB sentiment classifier (issue 3)")
-    parser.add_argument(
-        "--from-results",
-        action="store_true",
-        help="Train nothing: re-render the section from OUTPUT_DIR/seed*/results.json "
-        "of an earlier run with the same flags (re-measuring the .keras sizes).",
-    )
-    parser.set_defaults(
-        data=DEFAULT_DATA,
-        seeds=[0, 1, 2],
-        ranks=[16, 4, 2],
-        svd_ranks=[4],
-        output_dir=os.path.join(ROOT, "benchmarks", "out", "imdb"),
-        verbose=2,
-        truncate="pre",
-    )
-    args = parser.parse_args(argv)
+    parser.add_argument("--from-results", action="store_true",
+                        help="Train nothing: re-render the section from OUTPUT_DIR/seed*/results.json "
+                        "of an earlier run with the same flags (re-measuring the .keras sizes).")
+    parser.set_defaults(data=DEFAULT_DATA, output_dir=os.path.join(ROOT, "benchmarks", "out", "imdb"),
+                        verbose=2)
+    return parser
+
+
+def main(argv=None):
+    example = load_example("imdb_lstm")
+    args = build_parser().parse_args(argv)
     command = "python -m benchmarks.imdb_benchmark" + (
         " " + shlex.join(argv if argv is not None else sys.argv[1:])
     ).rstrip()
@@ -299,21 +296,20 @@ def main(argv=None):
     # by the time budget still leaves honest numbers (marked partial) behind.
     seeds, output_dir, rows = list(args.seeds), args.output_dir, []
     for done, seed in enumerate(seeds, start=1):
-        args.seeds, args.output_dir = [seed], os.path.join(output_dir, f"seed{seed}")
-        results = imdb_classifier.run(args)
+        args.seed, args.output_dir = seed, os.path.join(output_dir, f"seed{seed}")
+        results = example.run(args)
         rows += results["rows"]
         args.train_count, args.val_count, args.test_count = results["split_sizes"]
         args.seeds, args.output_dir = seeds[:done], output_dir
-        summary = imdb_classifier.summarize(rows)
+        summary = seed_stats.summarize(rows)
         combined = {"rows": rows, "summary": summary}
-        imdb_classifier.write_outputs(output_dir, rows, summary, {"seeds": seeds[:done]})
-        print(imdb_classifier.format_table(summary))
+        seed_stats.write_outputs(output_dir, rows, summary, {"seeds": seeds[:done]})
+        print(seed_stats.format_table(summary))
         markdown = build_markdown(combined, args, command, word_vectors, time.perf_counter() - started)
         if done < len(seeds):
             markdown = markdown.replace(
                 f"## {args.title}\n",
-                f"## {args.title}\n\n**Partial: {done} of "
-                f"{len(seeds)} seeds finished so far.**\n",
+                f"## {args.title}\n\n**Partial: {done} of {len(seeds)} seeds finished so far.**\n",
                 1,
             )
         if not args.no_write:

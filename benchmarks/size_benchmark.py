@@ -19,6 +19,7 @@ import os
 import tempfile
 
 from benchmarks import _common
+from benchmarks.examples import load_example
 from benchmarks.report import machine_description, markdown_table, update_section, write_json
 
 
@@ -47,7 +48,7 @@ def _mlp(rank=None, width=1024, hidden=4096):
 
 def models(small=False):
     """name -> model (uncompiled, built)."""
-    from keras_factorized.imdb_classifier import build_classifier
+    build_classifier = load_example("imdb_lstm").build_model
 
     vocab, width, hidden = (2000, 256, 1024) if small else (20000, 1024, 4096)
     out = {"IMDB, Embedding": build_classifier(vocab, 200, 128, 64)}

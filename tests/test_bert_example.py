@@ -1,4 +1,4 @@
-"""Smoke run of examples/bert_reparameterize.py on a tiny BERT preset.
+"""Smoke run of examples/bert_reparameterize/bert_reparameterize.py on a tiny BERT preset.
 
 The example's default model (all-MiniLM-L6-v2) ships in an optional pip
 package; here a tiny randomly initialised BERT saved as a KerasHub preset
@@ -15,9 +15,8 @@ keras_hub = pytest.importorskip("keras_hub")
 
 from keras_factorized import LowRankEinsumDense  # noqa: E402
 
-EXAMPLE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "bert_reparameterize.py"
-)
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "bert_reparameterize", "bert_reparameterize.py")
 WORDS = "a the film plot story acting good bad great painful moving one best years director ending".split()
 
 
@@ -43,10 +42,11 @@ def test_example_runs_every_method_and_round_trips(tiny_bert_preset, capsys):
     spec = importlib.util.spec_from_file_location("bert_reparameterize", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    cosine, method, small = example.main(
-        ["--model-dir", tiny_bert_preset, "--sequence-length", "16", "--param-ratio", "0.5"]
-    )
+    argv = ["--model-dir", tiny_bert_preset, "--sequence-length", "16", "--param-ratio", "0.5",
+            "--calibration", "8", "--eval", "8"]  # reviews: the sample shipped in the package
+    cosine, method, small = example.main(argv)
     out = capsys.readouterr().out
+    assert "IMDB reviews from the embedded sample" in out
     for name in ("svd", "whitened", "learned"):
         assert f"{name}: parameter ratio" in out
     assert "loads back with the same outputs: True" in out

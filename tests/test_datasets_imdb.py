@@ -3,6 +3,9 @@
 import os
 import shutil
 import tarfile
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -161,6 +164,89 @@ def test_load_sequences_processes_a_verified_local_file_like_keras(monkeypatch, 
     (x_train, y_train), (x_test, y_test) = imdb.load_sequences(str(path), seed=0)
     assert len(x_train) == 3 and all(seq[0] == 1 for seq in x_train)  # start_char
     assert sorted(len(s) for s in x_test) == [2, 3, 4]
+
+
+def test_embedded_sample_is_real_balanced_and_small():
+    assert os.path.getsize(imdb.SAMPLE_ARCHIVE) < 3_000_000
+    reviews = imdb.read_reviews(imdb.SAMPLE_ARCHIVE)
+    for split in ("train", "test"):
+        assert np.bincount(reviews[split].labels).tolist() == [1000, 1000]
+    # IMDB repeats a few reviews; the sample holds almost only distinct ones.
+    assert len(set(reviews["train"].texts) | set(reviews["test"].texts)) > 3950
+    assert all(len(text) > 10 for text in reviews["test"].texts)
+
+
+def _offline(monkeypatch, tmp_path):
+    """No network and an empty Keras cache."""
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network disabled by the test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(imdb, "download", refuse)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_cache"))
+
+
+def test_without_network_or_cache_load_imdb_falls_back_to_the_sample(monkeypatch, tmp_path):
+    _offline(monkeypatch, tmp_path)
+    data, source = imdb.load_imdb()
+    assert source.kind == "sample" and source.path == imdb.SAMPLE_ARCHIVE
+    assert "embedded sample" in source.message and "--data PATH" in source.message
+    assert "did not answer" in source.message
+    assert [len(s.texts) for s in data] == [1600, 400, 2000]
+
+
+def test_a_hanging_network_falls_back_after_the_timeout(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: time.sleep(30))
+    source = imdb.find_data(download_timeout=0.2)
+    assert source.kind == "sample"
+
+
+def test_a_failing_download_falls_back_without_a_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(imdb, "_reachable", lambda url, timeout: True)
+
+    def broken_get_file(*args, **kwargs):
+        raise Exception("URL fetch failure: connection reset")
+
+    import keras
+
+    monkeypatch.setattr(keras.utils, "get_file", broken_get_file)
+    source = imdb.find_data()
+    assert source.kind == "sample" and "connection reset" in source.message
+
+
+def test_find_data_prefers_a_path_then_the_cache_then_a_download(monkeypatch, tmp_path):
+    _offline(monkeypatch, tmp_path)
+    assert imdb.find_data(FIXTURE) == (
+        "path", FIXTURE, f"IMDB data: {FIXTURE}"
+    )
+    cached = tmp_path / "cache" / "datasets" / "aclImdb_v1.tar.gz"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(FIXTURE, cached)
+    source = imdb.find_data(cache_dir=str(tmp_path / "cache"))
+    assert source.kind == "cache" and source.path == str(cached)
+    monkeypatch.setattr(imdb, "_reachable", lambda url, timeout: True)
+    monkeypatch.setattr(imdb, "download", lambda cache_dir: FIXTURE)
+    assert imdb.find_data().kind == "download"
+    assert imdb.find_data(download_timeout=None).kind == "sample"
+
+
+def test_load_imdb_reads_a_given_path():
+    data, source = imdb.load_imdb(FIXTURE, max_samples=20, validation_split=0.25)
+    assert source.kind == "path" and [len(s.texts) for s in data] == [15, 5, 20]
+
+
+def test_balanced_sample_is_balanced_seeded_and_excludes():
+    train = imdb.read_reviews(FIXTURE)["train"]
+    texts, labels, idx = imdb.balanced_sample(train, 11, seed=0)
+    assert len(texts) == 11 and int(labels.sum()) == 5
+    assert list(train.texts[idx]) == list(texts)
+    again = imdb.balanced_sample(train, 11, seed=0)[2]
+    np.testing.assert_array_equal(idx, again)
+    other = imdb.balanced_sample(train, 20, seed=1, exclude=idx)[2]
+    assert not set(other) & set(idx)
 
 
 @pytest.mark.skipif(not os.path.exists(SHARED), reason="../shared/data not present")

@@ -1,31 +1,34 @@
-"""Smoke tests of the IMDB example (`keras-factorized imdb`, examples/imdb_lstm.py)."""
+"""Smoke tests of the IMDB example, examples/imdb_lstm/imdb_lstm.py, at tiny sizes."""
 
-import argparse
-import csv
 import json
 import os
+import runpy
 import subprocess
 import sys
+import types
+import urllib.error
+import urllib.request
 
+import keras
 import numpy as np
 import pytest
 
-from keras_factorized import imdb_classifier
+from keras_factorized.datasets import imdb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIXTURE = os.path.join(HERE, "data", "imdb_fixture", "aclImdb_mini.tar.gz")
+SCRIPT = os.path.join(ROOT, "examples", "imdb_lstm", "imdb_lstm.py")
+example = types.SimpleNamespace(**runpy.run_path(SCRIPT))
 
 TINY = [
     "--vocab-size", "300", "--sequence-length", "24", "--embedding-dim", "8",
     "--lstm-units", "4", "--epochs", "1", "--batch-size", "32", "--verbose", "0",
-]
+]  # fmt: skip
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser()
-    imdb_classifier.add_arguments(parser)
-    return parser.parse_args(argv)
+    return example.build_parser().parse_args(argv)
 
 
 @pytest.fixture(scope="module")
@@ -34,58 +37,38 @@ def results(tmp_path_factory):
     args = parse(
         ["--data", FIXTURE, "--max-samples", "80", "--ranks", "2", "--svd-ranks", "2",
          "--output-dir", str(out)] + TINY
-    )
-    return imdb_classifier.run(args)
+    )  # fmt: skip
+    return example.run(args)
 
 
 def test_every_model_is_trained_and_evaluated(results):
-    names = [row["model"] for row in results["summary"]]
-    assert names == ["baseline", "rank 2", "svd rank 2"]
-    by_name = {row["model"]: row for row in results["summary"]}
-    # Embedding parameter counts: 300*8 full, 300*r + r*8 factorized.
-    assert by_name["baseline"]["embedding_params"] == 300 * 8
-    assert by_name["rank 2"]["embedding_params"] == 300 * 2 + 2 * 8
-    assert by_name["svd rank 2"]["embedding_params"] == 300 * 2 + 2 * 8
-    assert by_name["rank 2"]["compression"] == pytest.approx(2400 / 616)
-    for row in results["rows"]:
-        assert 0.0 <= row["test_accuracy"] <= 1.0
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == ["baseline", "rank 2", "svd rank 2"]
+    # Embedding parameters: 300*8 full, 300*r + r*8 factorized.
+    assert rows["baseline"]["embedding_params"] == 300 * 8
+    assert rows["rank 2"]["embedding_params"] == rows["svd rank 2"]["embedding_params"] == 616
+    assert rows["rank 2"]["compression"] == pytest.approx(2400 / 616)
+    for row in rows.values():
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["model_size_bytes"] > 0
         assert row["epochs_trained"] == 1 and row["time_per_epoch_s"] > 0
-        assert row["model_size_bytes"] > 0
-    svd = [r for r in results["rows"] if r["kind"] == "svd"][0]
-    assert "test_accuracy_before_fine_tuning" in svd
+    assert "test_accuracy_before_fine_tuning" in rows["svd rank 2"]
+    assert results["split_sizes"] == (64, 16, 80)
+    assert results["source"].kind == "path"
 
 
-def test_outputs_are_written_and_consistent(results):
-    files = results["files"]
-    for key in ("json", "csv", "plot"):
-        assert os.path.getsize(files[key]) > 0
-    with open(files["plot"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    saved = json.load(open(files["json"]))
-    assert saved["summary"] == json.loads(json.dumps(results["summary"]))
-    with open(files["csv"], newline="") as f:
-        table = list(csv.DictReader(f))
-    assert [r["model"] for r in table] == [r["model"] for r in results["summary"]]
-    for row, expected in zip(table, results["summary"]):
-        assert float(row["test_accuracy_mean"]) == pytest.approx(expected["test_accuracy_mean"])
-        assert int(row["embedding_params"]) == expected["embedding_params"]
-    assert "baseline" in results["table"] and "compression" in results["table"]
-    assert not [n for n in os.listdir(results["output_dir"]) if n.startswith(".tmp")]
+def test_results_json_holds_the_rows_and_the_data_source(results):
+    saved = json.load(open(results["results_json"]))
+    assert [r["model"] for r in saved["runs"]] == ["baseline", "rank 2", "svd rank 2"]
+    assert saved["config"]["data_source"] == "path" and saved["config"]["data"] == FIXTURE
 
 
-def test_build_classifier_shapes_and_names():
-    import keras
-    import numpy as np
-
-    model = imdb_classifier.build_classifier(
-        vocab_size=50, sequence_length=7, embedding_dim=6, lstm_units=3, rank=2,
-        bidirectional=True, dropout=0.1,
-    )
-    assert [l.name for l in model.layers] == ["token_ids", "embedding", "lstm", "dropout", "classifier"]
-    out = model(np.zeros((2, 7), dtype="int32"))
-    assert tuple(out.shape) == (2, 1)
+def test_build_model_is_a_sequential_lstm_classifier():
+    model = example.build_model(50, 7, 6, 3, rank=2)
+    assert isinstance(model, keras.Sequential)
+    assert [layer.name for layer in model.layers] == ["embedding", "lstm", "classifier"]
+    assert tuple(model(np.zeros((2, 7), dtype="int32")).shape) == (2, 1)
     assert model.get_layer("embedding").count_params() == 50 * 2 + 2 * 6
-    assert isinstance(imdb_classifier.build_classifier(10, 5, 4, 2), keras.Model)
+    assert type(example.build_model(50, 7, 6, 3).get_layer("embedding")) is keras.layers.Embedding
 
 
 @pytest.mark.parametrize(
@@ -98,84 +81,104 @@ def test_build_classifier_shapes_and_names():
     ],
 )
 def test_bad_flags_are_clear_errors(argv, message, capsys):
-    assert imdb_classifier.main(["--data", FIXTURE] + argv) == 2
+    assert example.main(["--data", FIXTURE] + argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_rank_list_parsing():
     assert parse(["--ranks", "16, 4,2", "--svd-ranks", ""]).ranks == [16, 4, 2]
     assert parse(["--svd-ranks", ""]).svd_ranks == []
-    with pytest.raises(SystemExit):
-        parse(["--ranks", "4,x"])
+    for bad in ("4,x", "0"):
+        with pytest.raises(SystemExit):
+            parse(["--ranks", bad])
 
 
-def test_example_script_runs(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "imdb_lstm.py"), "--data", FIXTURE,
-         "--max-samples", "40", "--ranks", "", "--svd-ranks", "", "--output-dir", str(out)] + TINY,
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "baseline" in proc.stdout and str(out) in proc.stdout
-    assert (out / "results.csv").exists()
-
-
-@pytest.mark.parametrize("truncate", ["pre", "post"])
-def test_truncate_keeps_the_last_or_first_tokens(truncate):
-    from keras_factorized.datasets import imdb
-
-    args = parse(["--truncate", truncate, "--sequence-length", "5", "--vocab-size", "50"])
+def test_long_reviews_keep_their_last_tokens():
     data = imdb.ImdbData(
-        imdb.Split(np.array(["a b c d e f g h", "a b"], dtype=object), [0, 1]),
-        imdb.Split(np.array(["a"], dtype=object), [0]),
-        imdb.Split(np.array(["h g"], dtype=object), [1]),
+        imdb.Split(np.array(["a b c d e f g h", "a b"], dtype=object), np.array([0, 1])),
+        imdb.Split(np.array(["a"], dtype=object), np.array([0])),
+        imdb.Split(np.array(["h g"], dtype=object), np.array([1])),
     )
-    vectorizer, arrays = imdb_classifier._vectorize(args, data)
+    vectorizer, arrays = example.vectorize(data, vocab_size=50, sequence_length=5)
     vocab = vectorizer.get_vocabulary()
     words = [[vocab[i] for i in row if i] for row in arrays["train"][0]]
-    expected = ["d", "e", "f", "g", "h"] if truncate == "pre" else ["a", "b", "c", "d", "e"]
-    assert words == [expected, ["a", "b"]]
-    assert list(arrays["train"][0][1][2:]) == [0, 0, 0]  # padding stays at the end
+    assert words == [["d", "e", "f", "g", "h"], ["a", "b"]]
+    assert list(arrays["train"][0][1][2:]) == [0, 0, 0]  # padding at the end
+
+
+def test_without_data_or_network_it_trains_on_the_embedded_sample(
+    monkeypatch, tmp_path, capsys
+):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network disabled by the test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_cache"))
+    argv = ["--max-samples", "40", "--ranks", "2", "--svd-ranks", "",
+            "--output-dir", str(tmp_path)] + TINY  # fmt: skip
+    assert example.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "embedded sample" in out and "--data PATH" in out and imdb.IMDB_URL in out
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["config"]["data_source"] == "sample"
+    assert [r["model"] for r in saved["runs"]] == ["baseline", "rank 2"]
+
+
+def test_script_runs_from_the_command_line(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    argv = ["--data", FIXTURE, "--max-samples", "40", "--ranks", "", "--svd-ranks", "",
+            "--output-dir", str(tmp_path)] + TINY  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, SCRIPT] + argv, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "baseline" in proc.stdout and (tmp_path / "results.json").exists()
 
 
 @pytest.mark.skipif(
-    __import__("keras").backend.backend() != "tensorflow",
+    keras.backend.backend() != "tensorflow",
     reason="SavedModel/TFLite export and tf.distribute are TensorFlow-only",
 )
-def test_export_and_strategy_flags_call_the_helpers(monkeypatch, tmp_path):
-    from keras_factorized import distribute, export
+def test_export_strategy_and_mixed_precision_flags(monkeypatch, tmp_path):
+    from keras_factorized import distribute
+    from keras_factorized import export
 
     calls = {}
     monkeypatch.setattr(
         export, "export_for_serving",
         lambda model, export_dir, **kw: calls.update(serving=(model.name, export_dir, kw)),
+    )  # fmt: skip
+    monkeypatch.setattr(
+        export, "export_tflite", lambda model, path: calls.update(tflite=(model.name, path))
     )
-    monkeypatch.setattr(export, "export_tflite", lambda model, path: calls.update(tflite=(model.name, path)))
     real_get_strategy = distribute.get_strategy
     monkeypatch.setattr(
         distribute, "get_strategy",
         lambda name: calls.update(strategy=name) or real_get_strategy("default"),
-    )
+    )  # fmt: skip
     args = parse(
         ["--data", FIXTURE, "--max-samples", "40", "--ranks", "2", "--svd-ranks", "",
-         "--strategy", "mirrored", "--export-dir", str(tmp_path / "serving"),
+         "--strategy", "mirrored", "--mixed-precision", "--export-dir", str(tmp_path / "serving"),
          "--tflite", str(tmp_path / "m.tflite"), "--output-dir", str(tmp_path)] + TINY
-    )
-    results = imdb_classifier.run(args)
+    )  # fmt: skip
+    results = example.run(args)
     assert calls["strategy"] == "mirrored"
     name, export_dir, kwargs = calls["serving"]
     assert name == "rank2" and export_dir == str(tmp_path / "serving")
     assert kwargs["truncate"] == "pre" and kwargs["text_vectorizer"].name == "text_vectorization"
     assert calls["tflite"] == ("rank2", str(tmp_path / "m.tflite"))
-    assert results["files"]["tflite"] == str(tmp_path / "m.tflite")
+    assert results["models"]["rank 2"].get_layer("lstm").dtype_policy.name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
 
 
 def test_saved_size_excludes_optimizer_state():
-    model = imdb_classifier.build_classifier(2000, 10, 32, 4, rank=None)
-    imdb_classifier._compile(model, 1e-3, 1.0)
-    model.fit(np.ones((8, 10), "int32"), np.ones(8), epochs=1, verbose=0)
+    model = example.build_model(2000, 10, 32, 4)
+    example.train(
+        model, {"train": (np.ones((8, 10), "int32"), np.ones(8)),
+                "validation": (np.ones((2, 10), "int32"), np.ones(2))},
+        parse(["--verbose", "0"]), epochs=1, learning_rate=1e-3,
+    )  # fmt: skip
     weights_bytes = 4 * model.count_params()
     # With Adam's two moments the file would be about 3x the weights.
-    assert weights_bytes < imdb_classifier._saved_size(model) < 1.5 * weights_bytes
+    assert weights_bytes < example.saved_size(model) < 1.5 * weights_bytes

@@ -5,6 +5,7 @@ Uses the committed fixture of real IMDB reviews (tests/data/imdb_fixture).
 
 import os
 import re
+import runpy
 import tarfile
 import warnings
 
@@ -18,7 +19,10 @@ if keras.backend.backend() != "tensorflow":
 import tensorflow as tf  # noqa: E402
 
 from keras_factorized import export  # noqa: E402
-from keras_factorized.imdb_classifier import build_classifier  # noqa: E402
+
+# The classifier of the IMDB example (a script beside the library).
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "imdb_lstm", "imdb_lstm.py")
+build_classifier = runpy.run_path(EXAMPLE)["build_model"]
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "imdb_fixture", "aclImdb_mini.tar.gz")
 MEMBER = re.compile(r"aclImdb/(train|test)/(neg|pos)/[^/]+\.txt$")

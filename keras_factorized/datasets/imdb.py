@@ -10,6 +10,12 @@ the test reviews. It reads, in order of preference:
 - nothing given: Stanford's archive downloaded once with `keras.utils.get_file`
   into the Keras cache (`~/.keras/datasets/`), then read like a local archive.
 
+`load_imdb` is what the examples call: it takes the full data from a given
+path, else from the Keras cache, else from the web, and when none of these
+is available (no network) it falls back quickly, without a traceback, to the
+embedded sample: 4,000 real reviews (1,000 per split and class, drawn
+reproducibly from Stanford's archive) shipped inside the package.
+
 `load_sequences` is `keras.datasets.imdb.load_data` (integer sequences) with a
 local `path=` for users who start from Keras's preprocessed `imdb.npz`.
 
@@ -23,18 +29,24 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tarfile
 import tempfile
+import threading
+import urllib.request
 import zlib
 from typing import NamedTuple
 
 import numpy as np
+
+from keras_factorized.validation import invalid_value
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 KERAS_IMDB_NPZ_SHA256 = (
     "69664113be75683a8fe16e3ed0ab59fda8886cb3cd7ada244f7d9544e4676b9f"
 )
+SAMPLE_ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imdb_sample.tar.gz")
 CLASS_NAMES = ("neg", "pos")
 SPLITS = ("train", "test")
 
@@ -57,11 +69,17 @@ class ImdbData(NamedTuple):
     test: Split
 
 
-def _invalid(name, value, expected):
-    return ValueError(
-        f"Received an invalid value for `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
-    )
+class Source(NamedTuple):
+    """Where `load_imdb` took the reviews from.
+
+    `kind` is `"path"` (given by the caller), `"cache"` (the Keras cache),
+    `"download"` (downloaded now) or `"sample"` (the embedded sample);
+    `path` the folder or archive read; `message` one line for the user.
+    """
+
+    kind: str
+    path: str
+    message: str
 
 
 def _sort_key(name):
@@ -148,6 +166,146 @@ def download(cache_dir: str | None = None) -> str:
         cache_dir=cache_dir,
         cache_subdir="datasets",
     )
+
+
+def cached_archive(cache_dir: str | None = None) -> str | None:
+    """The path of Stanford's archive in the Keras cache, or `None` if absent.
+
+    Args:
+        cache_dir: The Keras cache folder; `None` means `$KERAS_HOME` or
+            `~/.keras`, as `keras.utils.get_file` does.
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get("KERAS_HOME") or os.path.join(
+            os.path.expanduser("~"), ".keras"
+        )
+    path = os.path.join(cache_dir, "datasets", "aclImdb_v1.tar.gz")
+    return path if os.path.isfile(path) else None
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a HEAD request to `url` answers within `timeout` seconds.
+
+    Runs in a daemon thread so that a hanging name lookup, which socket
+    timeouts do not cover, cannot hold the caller longer than `timeout`.
+    """
+    answer = []
+
+    def probe():
+        try:
+            request = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(request, timeout=timeout):
+                answer.append(True)
+        except Exception:  # Any failure means "not reachable now".
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer)
+
+
+def _try_download(cache_dir, timeout):
+    """`(path, None)` after a download, or `(None, reason)` without a traceback."""
+    if not _reachable(IMDB_URL, timeout):
+        return None, f"{IMDB_URL} did not answer within {timeout:g} s"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # A stalled transfer fails instead of hanging.
+    try:
+        return download(cache_dir), None
+    except Exception as e:  # get_file wraps network errors in plain Exceptions.
+        return None, f"the download failed ({type(e).__name__}: {e})"
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def find_data(
+    path: str | None = None,
+    *,
+    cache_dir: str | None = None,
+    download_timeout: float | None = 10.0,
+) -> Source:
+    """Chooses the IMDB data to read: `path`, the cache, a download or the sample.
+
+    Args:
+        path: An `aclImdb/` folder or `aclImdb_v1.tar.gz`; when given it is
+            used as it is (and must exist).
+        cache_dir: Keras cache folder (default `~/.keras`).
+        download_timeout: Seconds the web may take to answer before the
+            embedded sample is used instead; `None` never downloads.
+
+    Returns:
+        A `Source(kind, path, message)`.
+
+    Example:
+
+    >>> source = find_data(download_timeout=None, cache_dir="/nonexistent")
+    >>> source.kind, os.path.basename(source.path)
+    ('sample', 'imdb_sample.tar.gz')
+    """
+    if path is not None:
+        path = os.fspath(path)
+        return Source("path", path, f"IMDB data: {path}")
+    cached = cached_archive(cache_dir)
+    if cached:
+        return Source("cache", cached, f"IMDB data: the full dataset, cached at {cached}")
+    reason = "downloading is off"
+    if download_timeout is not None:
+        downloaded, reason = _try_download(cache_dir, download_timeout)
+        if downloaded:
+            return Source("download", downloaded, f"IMDB data: the full dataset, downloaded to {downloaded}")
+    return Source(
+        "sample",
+        SAMPLE_ARCHIVE,
+        "IMDB data: the embedded sample (4,000 real reviews, 1,000 per split and "
+        f"class) because the full dataset is not cached and {reason}. For the "
+        f"full 50,000 reviews, download {IMDB_URL} and pass it with "
+        "`--data PATH`, or run again with network access (it is cached once "
+        "downloaded).",
+    )
+
+
+def load_imdb(
+    path: str | None = None,
+    *,
+    validation_split: float = 0.2,
+    seed: int = 1337,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+    download_timeout: float | None = 10.0,
+) -> tuple[ImdbData, Source]:
+    """`load_data` on the data `find_data` chooses; returns the data and its source.
+
+    The examples' loader: with `path=None` it reads the full dataset when it
+    is cached or can be downloaded, otherwise the embedded sample, so it
+    always returns real reviews, even offline. Print `source.message` to tell
+    the user which data was used.
+
+    Args:
+        path: See `find_data`.
+        validation_split: See `load_data`.
+        seed: See `load_data`.
+        max_samples: See `load_data`.
+        cache_dir: See `find_data`.
+        download_timeout: See `find_data`.
+
+    Returns:
+        `(ImdbData, Source)`.
+
+    Example:
+
+    >>> data, source = load_imdb(download_timeout=None, cache_dir="/nonexistent")
+    >>> source.kind, [len(split.texts) for split in data]
+    ('sample', [1600, 400, 2000])
+    """
+    source = find_data(path, cache_dir=cache_dir, download_timeout=download_timeout)
+    data = load_data(
+        source.path,
+        validation_split=validation_split,
+        seed=seed,
+        max_samples=max_samples,
+    )
+    return data, source
 
 
 def extract(archive: str, directory: str) -> str:
@@ -272,13 +430,13 @@ def load_data(
     if isinstance(validation_split, bool) or not (
         isinstance(validation_split, (int, float)) and 0 <= validation_split < 1
     ):
-        raise _invalid("validation_split", validation_split, "a float in [0, 1)")
+        raise invalid_value("validation_split", "a float in [0, 1)", validation_split)
     if max_samples is not None and (
         isinstance(max_samples, bool)
         or not isinstance(max_samples, (int, np.integer))
         or max_samples < 2
     ):
-        raise _invalid("max_samples", max_samples, "None or an integer >= 2")
+        raise invalid_value("max_samples", "None or an integer >= 2", max_samples)
     reviews = read_reviews(path, cache_dir=cache_dir)
     rng = np.random.default_rng(seed)
     shuffled = {}
@@ -303,6 +461,37 @@ def load_data(
         Split(train.texts[n_train:], train.labels[n_train:]),
         shuffled["test"],
     )
+
+
+def balanced_sample(split: Split, n: int, seed: int, exclude=()):
+    """`n` reviews of `split`, half of each class, drawn with `seed`.
+
+    Args:
+        split: A `Split` (e.g. `read_reviews(path)["train"]`).
+        n: How many reviews; the negative class gets the odd one.
+        seed: Seed of the draw.
+        exclude: Indices of `split` not to draw (e.g. an earlier sample's).
+
+    Returns:
+        `(texts, labels, indices)`: the reviews, their labels and their
+        indices in `split`, in a shuffled order.
+
+    Example:
+
+    >>> reviews = read_reviews("tests/data/imdb_fixture/aclImdb_mini.tar.gz")
+    >>> texts, labels, indices = balanced_sample(reviews["test"], 6, seed=0)
+    >>> len(texts), int(labels.sum())
+    (6, 3)
+    """
+    rng = np.random.default_rng(seed)
+    excluded = set(int(i) for i in exclude)
+    chosen = []
+    for label in (0, 1):
+        candidates = rng.permutation(np.nonzero(split.labels == label)[0])
+        wanted = n // 2 + (n % 2 if label == 0 else 0)
+        chosen += [int(i) for i in candidates if int(i) not in excluded][:wanted]
+    chosen = rng.permutation(np.array(chosen, dtype=int))
+    return split.texts[chosen], split.labels[chosen], chosen
 
 
 def load_datasets(

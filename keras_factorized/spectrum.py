@@ -295,10 +295,10 @@ def inspect_model(
             info = _spectrum_row(layer)
             row = None if info is None else _analysed_row(info, energies)
         if row is not None:
-            row.update(path=layer.path, class_name=type(layer).__name__)
+            row.update(path=layer.path or layer.name, class_name=type(layer).__name__)
             rows.append({key: row[key] for key in _ROW_KEYS})
         if progress is not None:
-            progress(done, len(layers), layer.path)
+            progress(done, len(layers), layer.path or layer.name)
     return rows
 
 

@@ -427,6 +427,23 @@ def test_compress_failed_save_leaves_nothing(capsys, workdir, tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
+@needs_surgery
+def test_compress_never_replaces_a_file_created_meanwhile(capsys, workdir, tmp_path, monkeypatch):
+    out = tmp_path / "small.keras"
+    real_save = keras.Model.save
+
+    def racing_save(self, filepath, *args, **kwargs):
+        out.write_text("another writer's file")  # appears while we save
+        return real_save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", racing_save)
+    code, _, err = _run(capsys, ["compress", workdir / "tiny.keras", "-o", out, "--rank", "4", "-q"])
+    assert code == 2
+    _assert_one_line_error(err, "--overwrite")
+    assert out.read_text() == "another writer's file"
+    assert os.listdir(tmp_path) == ["small.keras"]
+
+
 def test_compress_argument_checks_before_loading(capsys, workdir, tmp_path):
     code, _, err = _run(
         capsys, ["compress", workdir / "tiny.keras", "-o", tmp_path / "small.h5", "--rank", "4"]
@@ -582,8 +599,6 @@ def test_imdb_without_a_source_checkout(capsys, monkeypatch):
     from keras_factorized.cli import imdb_command
 
     monkeypatch.setattr(imdb_command, "example_script", lambda: None)
-    # The library's old copy of the example is gone (or going): no fallback.
-    monkeypatch.setitem(sys.modules, "keras_factorized.imdb_classifier", None)
     code, _, err = _run(capsys, ["imdb", "--epochs", "1"])
     assert code == 2
     _assert_one_line_error(err, "ships with the source repository", "examples/imdb_lstm")
@@ -594,7 +609,7 @@ def test_imdb_example_of_this_checkout_is_found():
 
     script = imdb_command.example_script()
     if script is None:
-        pytest.skip("not a source checkout, or the example is not there yet")
+        pytest.skip("not a source checkout")
     assert script.endswith(os.path.join("examples", "imdb_lstm", "imdb_lstm.py"))
 
 

@@ -149,7 +149,10 @@ def run(args) -> int:
         new_model.compile_from_config(model.get_compile_config())
     before, after = model.count_params(), new_model.count_params()
     print(f"Model parameters: {before:,} -> {after:,} ({after / max(before, 1):.1%})")
-    with atomic_output(args.output) as tmp:
-        new_model.save(tmp)
+    try:
+        with atomic_output(args.output, overwrite=args.overwrite) as tmp:
+            new_model.save(tmp)
+    except FileExistsError:  # Created by someone else while we worked.
+        raise UsageError(f"output file {args.output} exists; pass --overwrite to replace it")
     print(f"Wrote {args.output}")
     return 0

@@ -53,9 +53,13 @@ def example_script() -> str | None:
 def run(args) -> int:
     argv = list(getattr(args, "extra_arguments", None) or [])
     script = example_script()
-    if script is not None:
-        return run_script(script, argv)
-    return _run_library_copy(argv)
+    if script is None:
+        raise UsageError(
+            f"the IMDB example ships with the source repository ({EXAMPLE_SCRIPT}), "
+            "not with the installed package; clone the repository and run "
+            f"`{PROG} imdb` (or `python {EXAMPLE_SCRIPT}`) there"
+        )
+    return run_script(script, argv)
 
 
 @contextlib.contextmanager
@@ -106,30 +110,3 @@ def run_script(script: str, argv: Sequence[str]) -> int:
         return int(code or 0)
     print(f"{PROG} {NAME}: error: {_common.one_line(code)}", file=sys.stderr)
     return 2
-
-
-def _run_library_copy(argv: Sequence[str]) -> int:
-    """The example's older copy inside the library, while it is still there."""
-    try:
-        from keras_factorized import imdb_classifier
-    except ImportError:
-        raise UsageError(
-            f"the IMDB example ships with the source repository ({EXAMPLE_SCRIPT}), "
-            "not with the installed package; clone the repository and run "
-            f"`{PROG} imdb` (or `python {EXAMPLE_SCRIPT}`) there"
-        )
-    parser = _common.ArgumentParser(
-        prog=f"{PROG} {NAME}",
-        formatter_class=_common.HelpFormatter,
-        description=_common.wrap(
-            "Trains and compares IMDB sentiment classifiers: a full embedding, "
-            "factorized embeddings, and the baseline compressed by SVD."
-        ),
-    )
-    imdb_classifier.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    try:
-        imdb_classifier.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        raise UsageError(_common.one_line(e))
-    return 0

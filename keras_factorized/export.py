@@ -41,10 +41,6 @@ TEXT_INPUT_NAME = "text"
 DEFAULT_INPUT_NAME = "inputs"
 OUTPUT_NAME = "predictions"
 
-# Methods that return a plain Keras layer computing the same function as the
-# factorized one (FactorizedEmbedding.to_embedding, LowRankDense.to_dense).
-MERGE_METHODS = ("to_embedding", "to_dense", "merge")
-
 # Ops that call back into the Python interpreter: TF Serving cannot run them.
 PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
 
@@ -67,19 +63,18 @@ def _check_backend(function_name: str) -> None:
 def merge_factorized_layers(model: keras.Model) -> keras.Model:
     """Returns a copy of `model` with factorized layers merged into plain ones.
 
-    Every layer that has a merge method (`to_embedding()` on
-    `FactorizedEmbedding`, `to_dense()` on `LowRankDense`, or `merge()`) is
-    replaced by the plain layer it returns (`Embedding`, `Dense`) holding the
-    product of the factors; every other layer is shared with `model`, which is
-    left unchanged. Merged models look up embedding rows with one gather
-    instead of a gather and a matmul, at the cost of storing the full matrices.
+    The export's name for `keras_factorized.merge`: every layer that the
+    registry knows as factorized (`FactorizedEmbedding`, `LowRankDense`,
+    `LowRankEinsumDense`, at any depth) becomes the `Embedding`, `Dense` or
+    `EinsumDense` holding `A @ B`; `model` is left unchanged. Merged models
+    compute one large product instead of two small ones, at the cost of
+    storing the full matrices.
 
     Args:
-        model: A built Functional or Sequential Keras model (nested models
-            are walked too).
+        model: A built Keras model.
 
     Returns:
-        A new `keras.Model` with the same inputs and outputs.
+        The merged copy.
 
     Example:
 
@@ -92,31 +87,14 @@ def merge_factorized_layers(model: keras.Model) -> keras.Model:
     >>> [type(layer).__name__ for layer in merged.layers]
     ['Embedding']
     """
+    from keras_factorized.surgery import merge
+
     if not isinstance(model, keras.Model):
         raise TypeError(
-            "Expected `model` to be a keras.Model. "
+            "Received an invalid value for `model`, expected a keras.Model. "
             f"Received: model={model!r} of type {type(model).__name__}"
         )
-
-    def clone_function(layer):
-        for method in MERGE_METHODS:
-            if callable(getattr(layer, method, None)):
-                return getattr(layer, method)()
-        # Shares the layer (and its weights) with the original model.
-        return layer
-
-    try:
-        return keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
-        )
-    except ValueError as e:
-        raise ValueError(
-            "`merge_factors=True` rebuilds the model with "
-            "`keras.models.clone_model`, which only walks Functional and "
-            "Sequential models. Merge the layers yourself (`to_embedding()`, "
-            f"`to_dense()`) for subclassed models. Received: model={model.name} "
-            f"({type(model).__name__}): {e}"
-        ) from e
+    return merge(model)
 
 
 def next_version(export_dir: str | os.PathLike) -> int:

@@ -21,7 +21,10 @@ from keras_factorized.layers import LowRankEinsumDense
 from keras_factorized.layers import LowRankLayer
 from keras_factorized.registry import register_factorization
 from keras_factorized.surgery import FactorizationReport
+from keras_factorized.surgery import DistillationConfig
+from keras_factorized.surgery import WhitenedConfig
 from keras_factorized.surgery import factorize
+from keras_factorized.surgery import merge
 from keras_factorized.version import __version__
 
 # TensorFlow-only deployment helpers (keras_factorized.export/.distribute),

@@ -444,6 +444,48 @@ def test_compress_never_replaces_a_file_created_meanwhile(capsys, workdir, tmp_p
     assert os.listdir(tmp_path) == ["small.keras"]
 
 
+def test_choices_and_defaults_come_from_the_library():
+    from keras_factorized import decomposition
+    from keras_factorized import surgery
+    from keras_factorized.cli import compress_command
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in subparsers.choices["compress"]._actions}
+    assert tuple(actions["method"].choices) == surgery.METHODS
+    assert tuple(actions["allocation"].choices) == surgery.ALLOCATIONS
+    assert tuple(actions["split"].choices) == decomposition.SPLITS
+    assert actions["distillation_epochs"].default == surgery.DistillationConfig().epochs
+    assert actions["damping"].default == surgery.WhitenedConfig().damping
+    for descriptions, choices in [
+        (compress_command.METHOD_HELP, surgery.METHODS),
+        (compress_command.ALLOCATION_HELP, surgery.ALLOCATIONS),
+        (compress_command.SPLIT_HELP, decomposition.SPLITS),
+    ]:
+        assert sorted(descriptions) == sorted(choices)  # every choice explained
+    # learned distils the whole model's outputs, not each layer's.
+    assert "whole model's outputs" in actions["method"].help
+    assert "layer outputs" not in actions["method"].help
+
+
+@needs_surgery
+def test_compress_learned_with_calibration(capsys, workdir, tmp_path):
+    x = np.load(workdir / "data.npz")["x"][:64]
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "small.keras"
+    code, stdout, err = _run(
+        capsys,
+        ["compress", workdir / "pooled.keras", "-o", out, "--rank", "2", "--method", "learned",
+         "--calibration", tmp_path / "x.npy", "--distillation-epochs", "1", "--split", "left",
+         "--include", "hidden", "-q"],
+    )
+    assert code == 0, err
+    assert "Factorization (learned)" in stdout
+    small = keras.saving.load_model(out)
+    assert type(small.get_layer("hidden")).__name__ == "LowRankDense"
+    assert small.get_layer("hidden").rank == 2
+
+
 def test_compress_argument_checks_before_loading(capsys, workdir, tmp_path):
     code, _, err = _run(
         capsys, ["compress", workdir / "tiny.keras", "-o", tmp_path / "small.h5", "--rank", "4"]

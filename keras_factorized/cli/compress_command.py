@@ -32,8 +32,18 @@ ALLOCATION_HELP = {
 CALIBRATED_METHODS = ("whitened", "learned")
 
 
+SPLIT_HELP = {
+    "balanced": "A = U sqrt(S), B = sqrt(S) V^T",
+    "left": "A = U S, B = V^T",
+    "right": "A = U, B = S V^T",
+}
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from keras_factorized import decomposition
     from keras_factorized import surgery
+
+    whitening, distillation = surgery.WhitenedConfig(), surgery.DistillationConfig()
 
     p = _common.add_command(
         subparsers,
@@ -87,13 +97,47 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="with --param-ratio: " + _common.choices_help(ALLOCATION_HELP, surgery.ALLOCATIONS),
     )
     p.add_argument(
-        "--distillation-epochs", type=_common.positive_int, default=2, metavar="N",
-        help="with --method learned: passes over the calibration data",
+        "--split", choices=decomposition.SPLITS, default=decomposition.SPLITS[0],
+        help="how the singular values S are shared between the factors: "
+        + _common.choices_help(SPLIT_HELP, decomposition.SPLITS),
+    )
+    p.add_argument(
+        "--damping", type=_non_negative_float, default=whitening.damping, metavar="D",
+        help="with --method whitened/learned: added to the diagonal of X^T X, as a "
+        "fraction of its mean",
+    )
+    p.add_argument(
+        "--distillation-epochs", type=_common.positive_int, default=distillation.epochs,
+        metavar="N", help="with --method learned: passes over the calibration data",
+    )
+    p.add_argument(
+        "--learning-rate", type=_positive_float, default=distillation.learning_rate,
+        metavar="LR", help="with --method learned: peak Adam learning rate of the distillation",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace the output file if it exists"
     )
     return p
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, received {text!r}")
+    return value
 
 
 def rank_choice(args) -> dict[str, Any]:
@@ -130,6 +174,8 @@ def run(args) -> int:
     choice = rank_choice(args)
     (name, value), = choice.items()
     print(f"Factorizing {args.model} (method {args.method}, {name.replace('_', ' ')} {value})")
+    from keras_factorized import surgery
+
     new_model, report = _common.factorize(
         model,
         **choice,
@@ -138,7 +184,11 @@ def run(args) -> int:
         include=args.include,
         exclude=args.exclude,
         allocation=args.allocation,
-        distillation_epochs=args.distillation_epochs,
+        split=args.split,
+        whitening=surgery.WhitenedConfig(damping=args.damping),
+        distillation=surgery.DistillationConfig(
+            epochs=args.distillation_epochs, learning_rate=args.learning_rate
+        ),
         verbose=0 if args.quiet else 1,
     )
     if report is not None:

@@ -13,7 +13,8 @@ from keras_factorized.layers.low_rank_einsum_dense import EinsumFactorization
 RNG = np.random.default_rng(0)
 
 requires_tensorflow = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="SavedModel export is TF-only")
+    keras.backend.backend() != "tensorflow", reason="SavedModel export is TF-only"
+)
 
 
 def _np(x):
@@ -31,8 +32,9 @@ def _make_low_rank(model, rank, seed=0):
     for layer in model._flatten_layers(include_self=False):
         if type(layer) is keras.layers.Dense:
             m, n = layer.kernel.shape
-            layer.kernel.assign(rng.normal(size=(m, rank)) @ rng.normal(size=(rank, n))
-                                / np.sqrt(m * rank))
+            layer.kernel.assign(
+                rng.normal(size=(m, rank)) @ rng.normal(size=(rank, n)) / np.sqrt(m * rank)
+            )
         elif type(layer) is keras.layers.EinsumDense:
             f = EinsumFactorization(layer.equation)
             shape = tuple(layer.kernel.shape)
@@ -43,12 +45,14 @@ def _make_low_rank(model, rank, seed=0):
 
 
 def _mlp():
-    return keras.Sequential([
-        keras.Input((24,)),
-        keras.layers.Dense(32, activation="relu", name="d1"),
-        keras.layers.Dense(16, name="d2"),
-        keras.layers.Dense(1, name="head"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((24,)),
+            keras.layers.Dense(32, activation="relu", name="d1"),
+            keras.layers.Dense(16, name="d2"),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
 
 
 def _correlated_inputs(n, dim, seed=0):
@@ -84,16 +88,24 @@ def _tiny_bert():
     import keras_hub
 
     return keras_hub.models.BertBackbone(
-        vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32,
-        intermediate_dim=64, max_sequence_length=16)
+        vocabulary_size=100,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=16,
+    )
 
 
 def _bert_inputs(n=8, seq=16, seed=0):
     rng = np.random.default_rng(seed)
     mask = np.ones((n, seq), "int32")
-    mask[:, seq - 3:] = 0
-    return {"token_ids": rng.integers(1, 100, size=(n, seq)).astype("int32"),
-            "segment_ids": np.zeros((n, seq), "int32"), "padding_mask": mask}
+    mask[:, seq - 3 :] = 0
+    return {
+        "token_ids": rng.integers(1, 100, size=(n, seq)).astype("int32"),
+        "segment_ids": np.zeros((n, seq), "int32"),
+        "padding_mask": mask,
+    }
 
 
 def test_sequential_full_rank_reproduces_outputs_and_original_is_untouched():
@@ -103,7 +115,10 @@ def test_sequential_full_rank_reproduces_outputs_and_original_is_untouched():
     config = model.get_config()
     small = factorize(model, rank=4)
     assert [type(layer) for layer in small.layers] == [
-        LowRankDense, LowRankDense, keras.layers.Dense]
+        LowRankDense,
+        LowRankDense,
+        keras.layers.Dense,
+    ]
     np.testing.assert_allclose(_np(small(x)), _np(model(x)), atol=1e-4)
     # The original model keeps its layers, weights and config.
     assert [type(layer) for layer in model.layers] == [keras.layers.Dense] * 3
@@ -141,15 +156,15 @@ def test_functional_model_with_embedding_and_include_exclude():
     assert kinds["dense_a"] is LowRankDense
     assert kinds["dense_b"] is keras.layers.Dense
     only = factorize(model, rank=4, include=[keras.layers.Embedding])
-    assert {type(layer) for layer in only.layers[1:]} == {FactorizedEmbedding,
-                                                          keras.layers.Dense}
+    assert {type(layer) for layer in only.layers[1:]} == {FactorizedEmbedding, keras.layers.Dense}
     exact = factorize(model, rank=4, include="dense")
     np.testing.assert_allclose(_np(exact(x)), _np(model(x)), atol=1e-4)
 
 
 def test_nested_model_and_layer_holding_layers(tmp_path):
-    inner = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, name="inner_d")],
-                             name="inner")
+    inner = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(16, name="inner_d")], name="inner"
+    )
     inputs = keras.Input((16,))
     h = Block(16, name="block")(inputs)
     outputs = inner(h)
@@ -197,10 +212,13 @@ def test_keras_hub_bert_full_rank_save_load_and_original_unchanged(tmp_path):
     small.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, keras_hub.models.BertBackbone)
-    assert isinstance(loaded.get_layer("transformer_layer_1")._self_attention_layer
-                      ._value_dense, LowRankEinsumDense)
-    np.testing.assert_allclose(_np(loaded(x)["sequence_output"]),
-                               _np(small(x)["sequence_output"]), atol=1e-6)
+    assert isinstance(
+        loaded.get_layer("transformer_layer_1")._self_attention_layer._value_dense,
+        LowRankEinsumDense,
+    )
+    np.testing.assert_allclose(
+        _np(loaded(x)["sequence_output"]), _np(small(x)["sequence_output"]), atol=1e-6
+    )
 
 
 def test_whitened_beats_svd_on_output_error():
@@ -228,8 +246,9 @@ def test_whitened_never_worse_than_svd_on_bert_calibration_data():
 def test_param_ratio_budget_is_met_with_greedy_allocation():
     model = _mlp()
     x = _correlated_inputs(128, 24)
-    small = factorize(model, param_ratio=0.5, method="whitened", calibration_data=x,
-                      include="d1|d2")
+    small = factorize(
+        model, param_ratio=0.5, method="whitened", calibration_data=x, include="d1|d2"
+    )
     report = small.factorization_report
     assert report.param_ratio <= 0.5
     assert report.param_ratio > 0.4  # the budget is spent, not wasted
@@ -242,10 +261,12 @@ def test_calibration_data_as_dataset():
     model = _mlp()
     x = _correlated_inputs(64, 24)
     ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(64))).batch(16)
-    from_ds = factorize(model, rank=4, method="whitened", calibration_data=ds,
-                        include="d1").factorization_report.layers[0]
-    from_array = factorize(model, rank=4, method="whitened", calibration_data=x,
-                           include="d1").factorization_report.layers[0]
+    from_ds = factorize(
+        model, rank=4, method="whitened", calibration_data=ds, include="d1"
+    ).factorization_report.layers[0]
+    from_array = factorize(
+        model, rank=4, method="whitened", calibration_data=x, include="d1"
+    ).factorization_report.layers[0]
     np.testing.assert_allclose(from_ds.output_error, from_array.output_error, rtol=1e-4)
 
 
@@ -254,8 +275,9 @@ def test_learned_reduces_the_end_to_end_error():
     x = _correlated_inputs(256, 24)
     kwargs = dict(rank=3, calibration_data=x, include="d1|d2")
     white = factorize(model, method="whitened", **kwargs)
-    learned = factorize(model, method="learned", distillation_epochs=20,
-                        learning_rate=3e-3, **kwargs)
+    learned = factorize(
+        model, method="learned", distillation_epochs=20, learning_rate=3e-3, **kwargs
+    )
     target = _np(model(x))
     err_white = np.linalg.norm(_np(white(x)) - target)
     err_learned = np.linalg.norm(_np(learned(x)) - target)
@@ -283,8 +305,9 @@ def test_factorized_bert_exports_saved_model(tmp_path):
     small.export(path, format="tf_saved_model", verbose=False)
     served = tf.saved_model.load(path)
     out = served.serve({k: tf.constant(v) for k, v in x.items()})
-    np.testing.assert_allclose(out["sequence_output"].numpy(),
-                               _np(small(x)["sequence_output"]), atol=1e-5)
+    np.testing.assert_allclose(
+        out["sequence_output"].numpy(), _np(small(x)["sequence_output"]), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -346,3 +369,112 @@ def test_text_vectorization_vocabulary_survives_the_copy():
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("head").weights)
     expected = table[ids].mean(axis=1) @ kernel + bias
     np.testing.assert_allclose(keras.ops.convert_to_numpy(small(texts)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        "d1",
+        ["d1"],
+        [r"d1$", keras.layers.Embedding],
+        lambda layer: layer.name == "d1",
+    ],
+)
+def test_filters_select_layers_by_regex_list_or_callable(filters):
+    small = factorize(_mlp(), rank=4, filters=filters)
+    assert [type(layer) for layer in small.layers] == [
+        LowRankDense,
+        keras.layers.Dense,
+        keras.layers.Dense,
+    ]
+
+
+def test_filters_combine_with_include_and_exclude():
+    small = factorize(_mlp(), rank=4, filters=keras.layers.Dense, include="d", exclude="d2")
+    assert [type(layer) for layer in small.layers] == [
+        LowRankDense,
+        keras.layers.Dense,
+        keras.layers.Dense,
+    ]
+
+
+def test_config_objects_match_the_legacy_keyword_arguments():
+    from keras_factorized.surgery import WhitenedConfig
+
+    model = _mlp()
+    x = _correlated_inputs(128, 24)
+    kwargs = dict(rank=3, method="whitened", calibration_data=x, include="d1")
+    legacy = factorize(model, damping=0.1, bias_correction=True, **kwargs)
+    config = factorize(model, whitening=WhitenedConfig(damping=0.1, bias_correction=True), **kwargs)
+    for a, b in zip(_weights(legacy), _weights(config)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_distillation_config_trains_like_the_legacy_arguments():
+    from keras_factorized.surgery import DistillationConfig
+
+    model = _mlp()
+    x = _correlated_inputs(64, 24)
+    kwargs = dict(rank=3, method="learned", include="d1|d2")
+    legacy = factorize(
+        model, distillation_data=x, distillation_epochs=2, learning_rate=1e-3, **kwargs
+    )
+    config = factorize(
+        model, distillation=DistillationConfig(data=x, epochs=2, learning_rate=1e-3), **kwargs
+    )
+    np.testing.assert_allclose(_np(legacy(x)), _np(config(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(damping=0.1, whitening="strong"), TypeError, "`whitening`"),
+        (dict(damping=-1.0), ValueError, "`damping`"),
+        (dict(distillation_epochs=0), ValueError, "`distillation_epochs`"),
+        (dict(learning_rate=0.0), ValueError, "`learning_rate`"),
+        (dict(unknown_option=1), TypeError, "unknown_option"),
+        (dict(filters=3), TypeError, "`filters`"),
+    ],
+)
+def test_invalid_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        factorize(_mlp(), rank=2, **kwargs)
+
+
+def test_legacy_argument_and_config_object_together_are_rejected():
+    from keras_factorized.surgery import WhitenedConfig
+
+    with pytest.raises(ValueError, match="`damping`.*WhitenedConfig"):
+        factorize(_mlp(), rank=2, damping=0.1, whitening=WhitenedConfig())
+
+
+def test_calibration_restores_the_layer_calls_when_the_model_fails():
+    from keras_factorized.surgery import calibration
+    from keras_factorized.surgery import selection
+
+    model = _mlp()
+    targets, _ = selection.find_targets(model, model, selection.selection())
+    with pytest.raises(ValueError):
+        calibration.collect_statistics(model, targets, np.ones((4, 7), "float32"), 4)
+    assert all("call" not in vars(layer) for layer in model.layers)
+
+
+def test_walk_layers_reaches_layers_held_in_attributes():
+    from keras_factorized.surgery import walk_layers
+
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, Block(16, name="block")(inputs))
+    paths = [path for path, _ in walk_layers(model)]
+    assert len(paths) == len(set(paths)) == 4  # input, block, inner, project
+    assert any(path.endswith("block") for path in paths)
+    assert sum("block/" in path for path in paths) == 2
+
+
+def test_reversible_embedding_is_kept_with_a_reason():
+    pytest.importorskip("keras_hub")
+    bert = _tiny_bert()
+    report = factorize(bert, rank=4).factorization_report
+    rows = {r.path: r for r in report.layers}
+    token = [r for path, r in rows.items() if path.endswith("token_embedding")]
+    assert len(token) == 1 and token[0].rank is None
+    assert "output projection" in token[0].note

@@ -37,11 +37,10 @@ def batches(data, batch_size, name="calibration_data"):
         raise invalid_value(name, "one dataset, array or dict", type(data))
     flat = keras.tree.flatten(data)
     if not flat:
-        raise invalid_value(name, "a non-empty array, dict of arrays or tf.data.Dataset",
-                            data)
+        raise invalid_value(name, "a non-empty array, dict of arrays or tf.data.Dataset", data)
     n = len(flat[0])
     for start in range(0, n, batch_size):
-        yield keras.tree.map_structure(lambda a: a[start:start + batch_size], data)
+        yield keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], data)
 
 
 @contextlib.contextmanager
@@ -63,13 +62,11 @@ def recording_inputs(layers_and_statistics, input_rows):
         for layer, statistics, key in layers_and_statistics:
             original_call = layer.call
 
-            def call(inputs, *args, _stats=statistics, _key=key, _call=original_call,
-                     **kwargs):
+            def call(inputs, *args, _stats=statistics, _key=key, _call=original_call, **kwargs):
                 cache_key = (id(inputs), _key)
                 if cache_key not in cache:
                     rows = input_rows(_key, to_numpy(inputs)).astype(np.float32)
-                    cache[cache_key] = (rows.T @ rows, rows.sum(0, dtype=np.float64),
-                                        rows.shape[0])
+                    cache[cache_key] = (rows.T @ rows, rows.sum(0, dtype=np.float64), rows.shape[0])
                 gram, total, count = cache[cache_key]
                 _stats.gram += gram
                 _stats.sum += total

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from keras_factorized.validation import invalid_type, invalid_value, is_integer
+from keras_factorized.validation import invalid_type
+from keras_factorized.validation import invalid_value
+from keras_factorized.validation import is_integer
 
 DISTILLATION_TRAINABLE = ("factors", "all")
 
@@ -42,8 +45,11 @@ class WhitenedConfig:
     bias_correction: bool = False
 
     def __post_init__(self):
-        if (not isinstance(self.damping, numbers.Real) or isinstance(self.damping, bool)
-                or self.damping < 0):
+        if (
+            not isinstance(self.damping, numbers.Real)
+            or isinstance(self.damping, bool)
+            or self.damping < 0
+        ):
             raise invalid_value("damping", "a number >= 0", self.damping)
         if not isinstance(self.bias_correction, bool):
             raise invalid_type("bias_correction", "a boolean", self.bias_correction)
@@ -88,12 +94,14 @@ class DistillationConfig:
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
                 raise invalid_value(name, "an integer >= 1", value)
-        if (not isinstance(self.learning_rate, numbers.Real)
-                or isinstance(self.learning_rate, bool) or not self.learning_rate > 0):
+        if (
+            not isinstance(self.learning_rate, numbers.Real)
+            or isinstance(self.learning_rate, bool)
+            or not self.learning_rate > 0
+        ):
             raise invalid_value("learning_rate", "a number > 0", self.learning_rate)
         if self.trainable not in DISTILLATION_TRAINABLE:
-            raise invalid_value("trainable", f"one of {DISTILLATION_TRAINABLE}",
-                                self.trainable)
+            raise invalid_value("trainable", f"one of {DISTILLATION_TRAINABLE}", self.trainable)
         if not is_integer(self.seed):
             raise invalid_value("seed", "an integer", self.seed)
 
@@ -130,8 +138,8 @@ def from_legacy_kwargs(whitening, distillation, batch_size, kwargs):
         cls, field = LEGACY_KWARGS[name]
         if configs[cls] is not None:
             raise invalid_value(
-                name, f"to be left out when a `{cls.__name__}` is given (set its "
-                f"`{field}`)", value)
+                name, f"to be left out when a `{cls.__name__}` is given (set its `{field}`)", value
+            )
         updates[cls][field] = value
     result = []
     for cls, config in configs.items():
@@ -151,5 +159,6 @@ def _make(cls, values):
         for legacy, (owner, field) in LEGACY_KWARGS.items():
             if owner is cls and field in values and legacy != field:
                 message = message.replace(f"`{field}`", f"`{legacy}`").replace(
-                    f"Received: {field}=", f"Received: {legacy}=")
+                    f"Received: {field}=", f"Received: {legacy}="
+                )
         raise type(e)(message) from None

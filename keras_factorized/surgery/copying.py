@@ -21,8 +21,11 @@ def copy_model(model):
         tuple(w.shape) != tuple(v.shape) for w, v in zip(weights, copy_weights)
     ):
         raise invalid_value(
-            "model", "a model that can be rebuilt from its config with the same "
-            "weights (a registered class with a complete `get_config`)", model.name)
+            "model",
+            "a model that can be rebuilt from its config with the same "
+            "weights (a registered class with a complete `get_config`)",
+            model.name,
+        )
     copy.set_weights(weights)
     copy_assets(model, copy)
     return copy

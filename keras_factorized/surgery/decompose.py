@@ -11,13 +11,17 @@ from __future__ import annotations
 import numpy as np
 
 from keras_factorized import data_aware
-from keras_factorized.decomposition import split_singular_values, truncated_svd
+from keras_factorized.decomposition import split_singular_values
+from keras_factorized.decomposition import truncated_svd
 
 
 def corrects_bias(target, whitening) -> bool:
     """Whether `target`'s bias absorbs the mean output error (see `WhitenedConfig`)."""
-    return bool(whitening.bias_correction and target.bias is not None
-                and target.bias.size == target.shape[1])
+    return bool(
+        whitening.bias_correction
+        and target.bias is not None
+        and target.bias.size == target.shape[1]
+    )
 
 
 def spectrum(target, method, whitening):
@@ -25,9 +29,12 @@ def spectrum(target, method, whitening):
     if method != "svd" and target.stats is not None:
         # With a bias to absorb the mean error, only the centred part of the
         # inputs needs the rank.
-        return data_aware.whitened_svd(target.matrix, target.stats,
-                                       damping=whitening.damping,
-                                       center=corrects_bias(target, whitening))
+        return data_aware.whitened_svd(
+            target.matrix,
+            target.stats,
+            damping=whitening.damping,
+            center=corrects_bias(target, whitening),
+        )
     return truncated_svd(target.matrix, min(target.shape), method="lapack")
 
 
@@ -46,7 +53,9 @@ def factors(target, split, whitening):
     bias = target.bias
     if is_whitened(target) and corrects_bias(target, whitening):
         approx = a.astype(np.float64) @ b.astype(np.float64)
-        bias = data_aware.corrected_bias(
-            target.stats, target.matrix, approx, target.bias.reshape(-1)
-        ).reshape(target.bias.shape).astype(target.bias.dtype)
+        bias = (
+            data_aware.corrected_bias(target.stats, target.matrix, approx, target.bias.reshape(-1))
+            .reshape(target.bias.shape)
+            .astype(target.bias.dtype)
+        )
     return a, b, bias

@@ -15,7 +15,8 @@ import keras
 import numpy as np
 
 from keras_factorized.surgery import walk
-from keras_factorized.surgery.calibration import batches, to_numpy
+from keras_factorized.surgery.calibration import batches
+from keras_factorized.surgery.calibration import to_numpy
 
 
 def select_outputs(outputs, selection):
@@ -63,8 +64,8 @@ def _optimizer(learning_rate, steps):
     # first knocks the SVD-initialised factors off their good start.
     warmup = max(1, steps // 10)
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, steps - warmup), warmup_target=learning_rate,
-        warmup_steps=warmup)
+        0.0, decay_steps=max(1, steps - warmup), warmup_target=learning_rate, warmup_steps=warmup
+    )
     return keras.optimizers.Adam(schedule)
 
 
@@ -83,14 +84,17 @@ def distill(student, teacher, config, layers, data, verbose=0):
         The mean loss of each epoch.
     """
     inputs = list(batches(data, config.batch_size, name="distillation_data"))
-    targets = [[to_numpy(y) for y in select_outputs(teacher(x, training=False),
-                                                   config.outputs)] for x in inputs]
+    targets = [
+        [to_numpy(y) for y in select_outputs(teacher(x, training=False), config.outputs)]
+        for x in inputs
+    ]
     history = []
     with only_trainable(student, layers, config.trainable == "all"):
         distiller = _Distiller(student, config.outputs, name="distiller")
-        distiller.compile(optimizer=_optimizer(config.learning_rate,
-                                               max(1, config.epochs * len(inputs))),
-                          loss=[config.loss] * len(targets[0]))
+        distiller.compile(
+            optimizer=_optimizer(config.learning_rate, max(1, config.epochs * len(inputs))),
+            loss=[config.loss] * len(targets[0]),
+        )
         progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
         rng = np.random.default_rng(config.seed)
         for _ in range(config.epochs):

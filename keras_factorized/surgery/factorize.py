@@ -11,6 +11,17 @@ weights; `merge` is its inverse. The steps, each in its own module:
 `saving` (so that the copy loads back), `distillation` (`"learned"`) and
 `report`.
 
+Methods: `"svd"` truncates the SVD of each weight (`min ||W - A B||`);
+`"whitened"` minimises each layer's output error `||X W - X A B||` for the
+inputs `X` it sees on the calibration data (whiten by a square root of
+`X^T X`, SVD, un-whiten: SVD-LLM; embeddings use plain SVD); `"learned"`
+starts from `"whitened"` (or `"svd"` without calibration data) and trains the
+factors so that the whole model reproduces the original outputs. Layers kept
+as they are get a report row saying why: directly in the graph of a model
+that builds its own graph (a KerasHub backbone's `pooled_dense`), factors
+that would not save parameters, or a reason from the registry (KerasHub's
+`ReversibleEmbedding` is tied to the output projection).
+
 Conventions, and why:
 
 - **Method options are config objects** (`whitening=WhitenedConfig(...)`,
@@ -50,8 +61,10 @@ from keras_factorized.surgery import report as report_lib
 from keras_factorized.surgery import saving
 from keras_factorized.surgery import selection
 from keras_factorized.surgery import walk
-from keras_factorized.validation import (
-    check_choice, check_fraction, check_positive_int, invalid_value)
+from keras_factorized.validation import check_choice
+from keras_factorized.validation import check_fraction
+from keras_factorized.validation import check_positive_int
+from keras_factorized.validation import invalid_value
 
 METHODS = ("svd", "whitened", "learned")
 
@@ -77,58 +90,37 @@ def factorize(
 ) -> keras.Model:
     """Replaces a trained model's weight matrices by low-rank factors.
 
-    Returns a copy of `model` in which every selected `keras.layers.Dense`,
-    `keras.layers.EinsumDense` and `keras.layers.Embedding` (at any depth:
-    inside nested models and inside layers that hold layers, such as the
-    attention projections of a KerasHub `TransformerEncoder`) is replaced by a
-    `LowRankDense`, `LowRankEinsumDense` or `FactorizedEmbedding` initialised
-    from its trained weights. The original model is left untouched. The copy
-    trains with `fit`, saves to `.keras`, loads back with
-    `keras.saving.load_model`, and exports; `merge` turns it back into dense
-    layers. `new_model.factorization_report` (a `FactorizationReport`) lists
-    every selected layer: its rank and errors, or why it was kept (layers
-    directly in the graph of a model that builds its own graph, such as a
-    KerasHub backbone's `pooled_dense`; layers whose factors would not save
-    parameters; layers the registry skips, with its reason).
-
-    Methods: `"svd"` (truncated SVD of each weight, `min ||W - A B||`);
-    `"whitened"` (activation-aware SVD on `calibration_data`, minimising each
-    layer's output error `||X W - X A B||`, SVD-LLM; embeddings use plain SVD);
-    `"learned"` (start from `"whitened"`, or `"svd"` without calibration data,
-    then train the factors so that the whole model reproduces the original
-    outputs).
+    Returns a copy of `model` in which every selected `Dense`, `EinsumDense`
+    and `Embedding`, at any depth (inside nested models and inside layers that
+    hold layers, as a KerasHub `TransformerEncoder`), is a `LowRankDense`,
+    `LowRankEinsumDense` or `FactorizedEmbedding` initialised from its trained
+    weights; `model` is untouched. The copy trains, saves, loads and exports
+    like the original; `merge` undoes it. `new_model.factorization_report` (a
+    `FactorizationReport`) gives every selected layer's rank and errors, or
+    why it was kept. Methods: `"svd"` (truncated SVD of each weight),
+    `"whitened"` (minimises each layer's output error on `calibration_data`,
+    SVD-LLM), `"learned"` (whitened, then distilled end to end).
 
     Args:
         model: a built Keras model (Sequential, functional, or a registered
             subclass with a complete `get_config`, e.g. a KerasHub backbone).
-        rank: one rank for every selected layer.
-        energy: keep, per layer, the fewest singular values whose squares reach
-            this fraction of the total, in `(0, 1]`.
-        param_ratio: one parameter budget for all selected layers together, a
-            fraction in `(0, 1]` of their weights; see `allocation`.
-            Exactly one of `rank`, `energy` and `param_ratio` is given.
+        rank: one rank for every selected layer. Give exactly one of `rank`,
+            `energy` (per layer, the fraction in `(0, 1]` of the squared
+            singular values kept) and `param_ratio` (one budget, a fraction in
+            `(0, 1]` of the selected weights, spread by `allocation`).
         method: one of `METHODS`.
-        calibration_data: model inputs (an array, a dict or list of arrays, or
-            a `tf.data.Dataset` of `x` or `(x, y)`); needed by `"whitened"`;
-            with it the report gives each layer's relative output error.
-        filters: which layers to factorize: a regular expression on
-            `layer.path`, a layer class, a callable `layer -> bool`, or a list
-            of them. Default: all.
-        include: the same forms; a layer must match both `filters` and it.
-        exclude: the same forms; matching layers are left alone.
-        allocation: with `param_ratio`, one of `ALLOCATIONS`: `"greedy"`
-            spends the budget where it removes the most relative squared error
-            per parameter; `"uniform"` gives every layer the same ratio.
+        calibration_data: model inputs (arrays, a dict of arrays or a
+            `tf.data.Dataset`); needed by `"whitened"`; gives output errors.
+        filters, include, exclude: layer selection, each a regular expression
+            on `layer.path`, a layer class, a callable `layer -> bool` or a
+            list of them: a layer must match `filters` and `include`, and not
+            `exclude`. Default: all.
+        allocation: one of `ALLOCATIONS` (see `ranks`).
         split: how singular values are shared between `A` and `B`.
-        whitening: a `WhitenedConfig` (damping, bias correction).
-        distillation: a `DistillationConfig` for `"learned"`.
+        whitening: a `WhitenedConfig`; distillation: a `DistillationConfig`.
         batch_size: batch size to run array calibration data.
-        verbose: 1 shows the distillation progress.
-        **legacy_kwargs: the options of earlier versions (`damping`,
-            `distillation_epochs`, ...; see the module docstring).
-
-    Returns:
-        The factorized copy of `model`, with `factorization_report`.
+        verbose: 1 shows progress bars.
+        **legacy_kwargs: the options of earlier versions (module docstring).
 
     Example:
 
@@ -142,17 +134,33 @@ def factorize(
     'kept: rank 8 would not save parameters (at most 1)'
     """
     whitening, distillation = config_lib.from_legacy_kwargs(
-        whitening, distillation, batch_size, legacy_kwargs)
-    _check_arguments(model, rank, energy, param_ratio, method, allocation,
-                     calibration_data, distillation)
+        whitening, distillation, batch_size, legacy_kwargs
+    )
+    _check_arguments(
+        model, rank, energy, param_ratio, method, allocation, calibration_data, distillation
+    )
     copy = copying.copy_model(model)
-    targets, skipped = selection.find_targets(
-        copy, model, selection.selection(filters, include, exclude))
+    selected = selection.selection(filters, include, exclude)
+    targets, skipped = selection.find_targets(copy, model, selected)
     if calibration_data is not None:
         calibration.collect_statistics(model, targets, calibration_data, batch_size)
     for t in targets:
         t.spectrum = decompose.spectrum(t, method, whitening)
     ranks.choose_ranks(targets, rank, energy, param_ratio, allocation)
+    replacements, rows = _build_replacements(targets, split, whitening)
+    rows += [report_lib.kept_layer_row(layer, why) for layer, why in skipped]
+    new_model, plan = replace.apply_replacements(copy, replacements)
+    saving.attach_plan(new_model, plan)
+    report = report_lib.FactorizationReport(method=method, layers=rows)
+    if method == "learned":
+        data = calibration_data if distillation.data is None else distillation.data
+        _learn(new_model, model, targets, report, distillation, data, verbose)
+    object.__setattr__(new_model, "factorization_report", report)
+    return new_model
+
+
+def _build_replacements(targets, split, whitening):
+    """`({path: new_layer}, rows)`: the new layers and every target's report row."""
     replacements, rows = {}, []
     for t in targets:
         if t.rank is None:
@@ -162,20 +170,12 @@ def factorize(
         replacements[t.path] = t.rule.build(t.layer, a, b, bias)
         approx = a.astype(np.float64) @ b.astype(np.float64)
         rows.append(report_lib.factorized_row(t, replacements[t.path], approx, bias))
-    rows += [report_lib.kept_layer_row(layer, why) for layer, why in skipped]
-    new_model, plan = replace.apply_replacements(copy, replacements)
-    saving.attach_plan(new_model, plan)
-    report = report_lib.FactorizationReport(method=method, layers=rows)
-    if method == "learned":
-        _learn(new_model, model, targets, report, distillation,
-               distillation.data if distillation.data is not None else calibration_data,
-               verbose)
-    object.__setattr__(new_model, "factorization_report", report)
-    return new_model
+    return replacements, rows
 
 
-def _check_arguments(model, rank, energy, param_ratio, method, allocation,
-                     calibration_data, distillation):
+def _check_arguments(
+    model, rank, energy, param_ratio, method, allocation, calibration_data, distillation
+):
     check_rank_arguments(rank, energy, param_ratio)
     if rank is not None:
         check_positive_int("rank", rank)
@@ -188,8 +188,9 @@ def _check_arguments(model, rank, energy, param_ratio, method, allocation,
     if method == "whitened" and calibration_data is None:
         raise invalid_value("calibration_data", "model inputs for method='whitened'", None)
     if method == "learned" and calibration_data is None and distillation.data is None:
-        raise invalid_value("distillation_data",
-                            "model inputs (or `calibration_data`) for method='learned'", None)
+        raise invalid_value(
+            "distillation_data", "model inputs (or `calibration_data`) for method='learned'", None
+        )
     if not isinstance(model, keras.layers.Layer) or not model.built:
         raise invalid_value("model", "a built Keras model (call it once or build it)", model)
 
@@ -201,7 +202,8 @@ def _learn(new_model, model, targets, report, distillation, data, verbose):
     history = distillation_lib.distill(new_model, model, distillation, layers, data, verbose)
     report.notes.append(
         f"distillation loss ({distillation.loss} to the original outputs) per epoch: "
-        + ", ".join(f"{h:.4g}" for h in history))
+        + ", ".join(f"{h:.4g}" for h in history)
+    )
     rows = {r.path: r for r in report.layers}
     for t, layer in zip(factorized, layers):
         if t.stats is None:
@@ -212,6 +214,5 @@ def _learn(new_model, model, targets, report, distillation, data, verbose):
         bias = None if getattr(layer, "bias", None) is None else calibration.to_numpy(layer.bias)
         norm = np.linalg.norm(t.matrix)
         row.weight_error = float(np.linalg.norm(t.matrix - kernel) / norm) if norm else 0.0
-        row.output_error = data_aware.relative_output_error(
-            t.stats, t.matrix, kernel, t.bias, bias)
+        row.output_error = data_aware.relative_output_error(t.stats, t.matrix, kernel, t.bias, bias)
         row.note = "learned"

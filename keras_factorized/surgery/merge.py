@@ -53,9 +53,12 @@ def merge(model: keras.Model) -> keras.Model:
             continue
         if step[0] == "layer" and not _keras_compat.is_plain_graph_model(parent):
             raise invalid_value(
-                "model", "a model whose factorized layers can be replaced (this "
+                "model",
+                "a model whose factorized layers can be replaced (this "
                 f"layer is in the graph of a {type(parent).__name__}, which builds "
-                "its graph itself)", layer.path)
+                "its graph itself)",
+                layer.path,
+            )
         replacements[path] = layer.merge()
     merged, _ = replace.apply_replacements(copy, replacements, record=False)
     # The merged layers are what their parents build from their own configs:

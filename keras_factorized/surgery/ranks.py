@@ -29,8 +29,9 @@ def choose_ranks(targets, rank=None, energy=None, param_ratio=None, allocation="
     if rank is not None:
         for t in usable:
             if rank > t.max_useful_rank:
-                t.note = (f"kept: rank {rank} would not save parameters "
-                          f"(at most {t.max_useful_rank})")
+                t.note = (
+                    f"kept: rank {rank} would not save parameters (at most {t.max_useful_rank})"
+                )
             else:
                 t.rank = rank
     elif energy is not None:
@@ -59,8 +60,7 @@ def budget(targets, param_ratio) -> float:
     """Parameters the factors of `targets` may hold: `param_ratio` of their
     weights and biases, less the biases (which factorization keeps)."""
     biases = sum(0 if t.bias is None else t.bias.size for t in targets)
-    return param_ratio * sum(t.shape[0] * t.shape[1] for t in targets) \
-        - (1 - param_ratio) * biases
+    return param_ratio * sum(t.shape[0] * t.shape[1] for t in targets) - (1 - param_ratio) * biases
 
 
 def greedy_ranks(targets, param_ratio):
@@ -73,7 +73,11 @@ def greedy_ranks(targets, param_ratio):
         # on equal terms.
         gains.append(sq / total if total > 0 else sq)
     ranks = data_aware.allocate_ranks(
-        gains, [sum(t.shape) for t in targets], budget(targets, param_ratio), min_rank=1,
-        max_ranks=[t.max_useful_rank for t in targets])
+        gains,
+        [sum(t.shape) for t in targets],
+        budget(targets, param_ratio),
+        min_rank=1,
+        max_ranks=[t.max_useful_rank for t in targets],
+    )
     for t, k in zip(targets, ranks):
         t.rank = k

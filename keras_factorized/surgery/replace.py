@@ -33,10 +33,12 @@ def apply_replacements(root, replacements, record=True):
             if step[0] != "layer":
                 walk.set_child(parent, step, new)
                 if record:
-                    plan.append({
-                        "path": [list(s) for s in parent_path + (step,)],
-                        "layer": keras.saving.serialize_keras_object(new),
-                    })
+                    plan.append(
+                        {
+                            "path": [list(s) for s in parent_path + (step,)],
+                            "layer": keras.saving.serialize_keras_object(new),
+                        }
+                    )
         if not graph_steps:
             continue
         rebuilt = rebuild_graph(parent, graph_steps)
@@ -60,4 +62,5 @@ def rebuild_graph(model, new_layers):
         _keras_compat.rebuild_sequential(model)
         return model
     return keras.models.clone_model(
-        model, clone_function=lambda layer: new_layers.get(layer.name, layer))
+        model, clone_function=lambda layer: new_layers.get(layer.name, layer)
+    )

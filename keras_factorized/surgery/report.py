@@ -92,18 +92,45 @@ class FactorizationReport:
         return self._table(markdown=True)
 
     def _table(self, markdown=False) -> str:
-        headers = ["layer", "class", "shape", "rank", "params before", "params after",
-                   "weight err", "output err", "note"]
+        headers = [
+            "layer",
+            "class",
+            "shape",
+            "rank",
+            "params before",
+            "params after",
+            "weight err",
+            "output err",
+            "note",
+        ]
         rows = []
         for r in self.layers:
-            rows.append([
-                r.path, r.layer_class, "x".join(str(d) for d in r.shape),
-                "-" if r.rank is None else str(r.rank), f"{r.params_before:,}",
-                f"{r.params_after:,}", f"{r.weight_error:.3f}",
-                "-" if r.output_error is None else f"{r.output_error:.3f}", r.note,
-            ])
-        rows.append(["total", "", "", "", f"{self.params_before:,}",
-                     f"{self.params_after:,}", "", "", f"ratio {self.param_ratio:.3f}"])
+            rows.append(
+                [
+                    r.path,
+                    r.layer_class,
+                    "x".join(str(d) for d in r.shape),
+                    "-" if r.rank is None else str(r.rank),
+                    f"{r.params_before:,}",
+                    f"{r.params_after:,}",
+                    f"{r.weight_error:.3f}",
+                    "-" if r.output_error is None else f"{r.output_error:.3f}",
+                    r.note,
+                ]
+            )
+        rows.append(
+            [
+                "total",
+                "",
+                "",
+                "",
+                f"{self.params_before:,}",
+                f"{self.params_after:,}",
+                "",
+                "",
+                f"ratio {self.param_ratio:.3f}",
+            ]
+        )
         if markdown:
             lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
             lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -133,21 +160,34 @@ def factorized_row(target, new_layer, approx, new_bias) -> LayerFactorization:
     output_error = None
     if target.stats is not None:
         output_error = data_aware.relative_output_error(
-            target.stats, matrix, approx, target.bias, new_bias)
+            target.stats, matrix, approx, target.bias, new_bias
+        )
     return LayerFactorization(
-        path=target.layer.path, layer_class=type(target.layer).__name__,
-        shape=target.shape, rank=target.rank, params_before=params_before,
+        path=target.layer.path,
+        layer_class=type(target.layer).__name__,
+        shape=target.shape,
+        rank=target.rank,
+        params_before=params_before,
         params_after=_params(new_layer),
         weight_error=float(np.linalg.norm(matrix - approx) / norm) if norm else 0.0,
-        output_error=output_error, replacement=type(new_layer).__name__,
-        note="whitened" if isinstance(target.spectrum, data_aware.WhitenedSVD) else "svd")
+        output_error=output_error,
+        replacement=type(new_layer).__name__,
+        note="whitened" if isinstance(target.spectrum, data_aware.WhitenedSVD) else "svd",
+    )
 
 
 def kept_target_row(target) -> LayerFactorization:
     """The row of a target left as it is (`target.note` says why)."""
     params = target.matrix.size + (0 if target.bias is None else target.bias.size)
-    return LayerFactorization(target.layer.path, type(target.layer).__name__,
-                              target.shape, None, params, params, note=target.note)
+    return LayerFactorization(
+        target.layer.path,
+        type(target.layer).__name__,
+        target.shape,
+        None,
+        params,
+        params,
+        note=target.note,
+    )
 
 
 def kept_layer_row(layer, note) -> LayerFactorization:
@@ -157,5 +197,6 @@ def kept_layer_row(layer, note) -> LayerFactorization:
         weight = getattr(layer, "embeddings", None)
     shape = () if weight is None else tuple(weight.shape)
     params = _params(layer)
-    return LayerFactorization(layer.path, type(layer).__name__, shape, None,
-                              params, params, note=note)
+    return LayerFactorization(
+        layer.path, type(layer).__name__, shape, None, params, params, note=note
+    )

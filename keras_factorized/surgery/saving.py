@@ -32,16 +32,20 @@ def factorized_class(base):
         return {
             "base": class_reference(base),
             "config": base.get_config(self),
-            PLAN_KEY: self._kf_plan,
+            PLAN_KEY: current_plan(self),
         }
 
-    cls = type(base.__name__, (base,), {
-        "get_config": get_config,
-        "from_config": classmethod(lambda c, config: FactorizedModelLoader.from_config(config)),
-        "_kf_base": base,
-        "__module__": base.__module__,
-        "__qualname__": base.__qualname__,
-    })
+    cls = type(
+        base.__name__,
+        (base,),
+        {
+            "get_config": get_config,
+            "from_config": classmethod(lambda c, config: FactorizedModelLoader.from_config(config)),
+            "_kf_base": base,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+        },
+    )
     _keras_compat.set_registered_name(cls, "keras_factorized>FactorizedModel")
     _DYNAMIC_CLASSES[base] = cls
     return cls
@@ -65,8 +69,7 @@ def _resolve_class(config):
     return base
 
 
-@keras.saving.register_keras_serializable(package="keras_factorized",
-                                          name="FactorizedModel")
+@keras.saving.register_keras_serializable(package="keras_factorized", name="FactorizedModel")
 class FactorizedModelLoader:
     """Rebuilds a model saved by `factorize` whose nested layers were replaced.
 
@@ -111,6 +114,17 @@ def reapply_plan(model, plan) -> None:
             _build_like(new, walk.get_child(parent, path[-1]))
         walk.set_child(parent, path[-1], new)
     attach_plan(model, plan)
+
+
+def current_plan(model) -> list:
+    """`model`'s plan with each layer's config as it is now (e.g. quantized
+    since `factorize`), so that loading rebuilds the layers that are saved."""
+    plan = []
+    for entry in model._kf_plan:
+        path = tuple(tuple(s) for s in entry["path"])
+        layer = walk.get_child(walk.navigate(model, path[:-1]), path[-1])
+        plan.append({**entry, "layer": keras.saving.serialize_keras_object(layer)})
+    return plan
 
 
 def attach_plan(model, plan) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,8 @@ from keras_factorized import data_aware
 from keras_factorized import registry
 from keras_factorized.layers.einsum_shapes import EinsumFactorization
 from keras_factorized.surgery import walk
-from keras_factorized.validation import invalid_type, invalid_value
+from keras_factorized.validation import invalid_type
+from keras_factorized.validation import invalid_value
 
 
 @dataclasses.dataclass
@@ -74,37 +76,48 @@ def as_filter(value, name) -> Callable | None:
                 pattern = re.compile(p)
             except re.error as e:
                 raise invalid_value(name, f"valid regular expressions ({e})", p) from None
-            predicates.append(lambda layer, _p=pattern: bool(_p.search(layer.path)))
+            predicates.append(lambda layer, _p=pattern: bool(_p.search(layer.path or layer.name)))
         elif isinstance(p, type):
             predicates.append(lambda layer, _c=p: isinstance(layer, _c))
         elif callable(p):
             predicates.append(lambda layer, _f=p: bool(_f(layer)))
         else:
             raise invalid_type(
-                name, "a regular expression on `layer.path`, a layer class, a "
-                "callable `layer -> bool`, or a list of them", value)
+                name,
+                "a regular expression on `layer.path`, a layer class, a "
+                "callable `layer -> bool`, or a list of them",
+                value,
+            )
     return lambda layer: any(f(layer) for f in predicates)
 
 
 def selection(filters=None, include=None, exclude=None) -> Callable:
     """One predicate for `factorize`'s `filters`, `include` and `exclude`."""
-    keep = [f for f in (as_filter(filters, "filters"), as_filter(include, "include"))
-            if f is not None]
+    keep = [
+        f for f in (as_filter(filters, "filters"), as_filter(include, "include")) if f is not None
+    ]
     drop = as_filter(exclude, "exclude")
     return lambda layer: all(f(layer) for f in keep) and not (drop and drop(layer))
 
 
-def _why_kept(parent, step, decision):
-    """Why a selected candidate cannot be replaced, or `None` when it can."""
+def why_kept(parent, step, decision):
+    """Why a candidate cannot be replaced, in the words of the report, or `None`.
+
+    Args:
+        parent: the layer holding it (see `walk.walk`).
+        step: how `parent` holds it.
+        decision: the registry's `Decision` for it.
+    """
     if decision.rule is None:
-        return decision.reason if decision.reason.startswith("kept") \
-            else f"kept: {decision.reason}"
+        return decision.reason if decision.reason.startswith("kept") else f"kept: {decision.reason}"
     if step[0] == "layer" and not _keras_compat.is_plain_graph_model(parent):
         # Rebuilding the graph of e.g. a KerasHub backbone would turn it into
         # a plain functional model, losing its class.
-        return (f"kept: in the graph of a {type(parent).__name__}, which builds "
-                "its graph itself")
+        return f"kept: in the graph of a {type(parent).__name__}, which builds its graph itself"
     return None
+
+
+_why_kept = why_kept  # the name `spectrum.kept_reason` used first
 
 
 def find_targets(copy, original, selected):
@@ -116,14 +129,22 @@ def find_targets(copy, original, selected):
         decision = registry.lookup(layer)
         if (decision.rule is None and decision.reason is None) or not selected(layer):
             continue
-        why = _why_kept(parent, step, decision)
+        why = why_kept(parent, step, decision)
         if why is not None:
             skipped.append((layer, why))
             continue
         rule = decision.rule
         bias = rule.bias(layer)
         factorization = EinsumFactorization(layer.equation) if rule.kind == "einsum" else None
-        targets.append(Target(path, layer, original_layers[path], rule,
-                              np.asarray(rule.matrix(layer), np.float32),
-                              None if bias is None else np.asarray(bias), factorization))
+        targets.append(
+            Target(
+                path,
+                layer,
+                original_layers[path],
+                rule,
+                np.asarray(rule.matrix(layer), np.float32),
+                None if bias is None else np.asarray(bias),
+                factorization,
+            )
+        )
     return targets, skipped

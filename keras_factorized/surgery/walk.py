@@ -13,18 +13,29 @@ Sequential/functional graph, `("attr", name)` for an attribute and
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import keras
 
 from keras_factorized import _keras_compat
 
 # Attributes of a layer that track its sub-layers (not owners of them).
-_TRACKING_ATTRS = frozenset({
-    "_layers", "_operations", "_tracker", "_inbound_nodes", "_outbound_nodes",
-    "_functional", "_self_setattr_tracking", "_nodes_by_depth", "_input_layers",
-    "_output_layers", "_trainable_variables", "_non_trainable_variables",
-})
+_TRACKING_ATTRS = frozenset(
+    {
+        "_layers",
+        "_operations",
+        "_tracker",
+        "_inbound_nodes",
+        "_outbound_nodes",
+        "_functional",
+        "_self_setattr_tracking",
+        "_nodes_by_depth",
+        "_input_layers",
+        "_output_layers",
+        "_trainable_variables",
+        "_non_trainable_variables",
+    }
+)
 
 
 def children(layer) -> Iterator[tuple]:
@@ -72,8 +83,10 @@ def walk_layers(model) -> Iterator[tuple]:
     """`(path, layer)` for every layer reachable from `model`, each once.
 
     `path` is the layer's `layer.path` (what `factorize`'s `include`,
-    `exclude` and `filters` match and its report lists). Unlike
-    `model.layers`, this reaches layers held in attributes of other layers.
+    `exclude` and `filters` match and its report lists); for a layer without
+    one (Keras gives a path only to layers with weights: an `InputLayer`, a
+    `Dropout`), its parent's path and its name. Unlike `model.layers`, this
+    reaches layers held in attributes of other layers.
 
     Example:
 
@@ -83,8 +96,14 @@ def walk_layers(model) -> Iterator[tuple]:
     >>> [(path, type(layer).__name__) for path, layer in walk_layers(model)]
     [('mlp/d', 'Dense')]
     """
-    for _, _, layer, _ in walk(model):
-        yield layer.path, layer
+    paths = {}
+    for parent, _, layer, _ in walk(model):
+        path = layer.path
+        if not path:
+            prefix = paths.get(id(parent))
+            path = f"{prefix}/{layer.name}" if prefix else layer.name
+        paths[id(layer)] = path
+        yield path, layer
 
 
 def get_child(parent, step):
@@ -107,6 +126,8 @@ def navigate(root, path):
 def set_child(parent, step, new) -> None:
     """Replaces a sub-layer held by an attribute (or list item) of `parent`."""
     old = get_child(parent, step)
+    if getattr(old, "path", None) is not None:
+        _keras_compat.set_layer_path(new, old.path)  # unique paths, as if built there
     with _keras_compat.unlocked_tracker(parent):
         if step[0] == "attr":
             setattr(parent, step[1], new)

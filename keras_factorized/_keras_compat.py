@@ -102,3 +102,36 @@ def testing_test_case():
     from keras.src import testing
 
     return testing.TestCase
+
+
+def set_layer_path(layer, path) -> None:
+    """Gives `layer` the `layer.path` of the layer it replaces in a parent.
+
+    Keras sets a layer's path once, from the name scope it is built in; a
+    layer built outside its parent (by `factorize`) would otherwise keep a
+    bare path such as `"query"`, the same for every Transformer block. Paths
+    must stay unique: KerasHub's `Backbone.get_config` keys the quantized
+    dtype policies by path, and `model.quantize(filters=...)` matches them.
+    Checked: Keras 3.10.0, 3.15.1 (`Layer._path`, private, read by the public
+    `Layer.path`).
+    """
+    layer._path = path
+
+
+def sequential_layers(model) -> list:
+    """The editable list of a Sequential's layers (its `InputLayer` included).
+
+    Replace items, then call `rebuild_sequential`. Checked: Keras 3.10.0,
+    3.15.1 (`Sequential._layers`, private; `model.layers` is a copy).
+    """
+    return model._layers
+
+
+def build_input_shape(layer):
+    """The input shape `layer` was built for, or `None` when Keras did not record it.
+
+    Checked: Keras 3.10.0, 3.15.1 (`Layer._build_shapes_dict`, private: the
+    arguments of the `build` call, by name).
+    """
+    shapes = getattr(layer, "_build_shapes_dict", None)
+    return next(iter(shapes.values())) if shapes else None

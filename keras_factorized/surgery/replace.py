@@ -55,7 +55,7 @@ def rebuild_graph(model, new_layers):
     """`model` (Sequential or functional) with the layers named in `new_layers`
     replaced, the other layers shared."""
     if isinstance(model, keras.Sequential):
-        layers = model._layers
+        layers = _keras_compat.sequential_layers(model)
         for i, layer in enumerate(list(layers)):
             if layer.name in new_layers:
                 layers[i] = new_layers[layer.name]

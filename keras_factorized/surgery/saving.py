@@ -93,11 +93,11 @@ def _build_like(new, old) -> None:
     from keras_factorized.layers import LowRankEinsumDense
     from keras_factorized.layers.einsum_shapes import EinsumFactorization
 
-    shapes = getattr(old, "_build_shapes_dict", None)
+    shape = _keras_compat.build_input_shape(old)
     if isinstance(new, LowRankEinsumDense):
         new.build(EinsumFactorization(new.equation).input_shape(tuple(old.kernel.shape)))
-    elif shapes:
-        new.build(next(iter(shapes.values())))
+    elif shape is not None:
+        new.build(shape)
     elif hasattr(old, "kernel"):
         new.build((None, int(old.kernel.shape[0])))
     else:

@@ -169,10 +169,19 @@ class EinsumFactorization:
         return np.transpose(np.asarray(matrix).reshape(contracted + outputs),
                             self.to_kernel_order)
 
-    def input_shape(self, kernel_shape):
+    def input_shape(self, kernel_shape, output_shape=None):
         """An input shape (batch axes `None`, one axis under `...`) that builds
-        a layer with a kernel of `kernel_shape`."""
-        dims = dict(zip(self.weight_spec, kernel_shape))
+        a layer with a kernel of `kernel_shape`.
+
+        Without `...`, axes shared by the input and the output take their size
+        from `output_shape` (the partial output shape of `EinsumDense`), which
+        `EinsumDense.build` requires to match.
+        """
+        dims = {}
+        if output_shape is not None and "0" not in self.output_spec:
+            sizes = zip(self.output_spec[1:], tuple(output_shape))
+            dims.update((c, d) for c, d in sizes if d is not None)
+        dims.update(zip(self.weight_spec, kernel_shape))
         return tuple(None if c not in dims else int(dims[c]) for c in self.input_spec)
 
     def kernel_shape_of_factors(self, a_shape, b_shape):

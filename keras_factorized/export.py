@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_factorized import _keras_compat
 from keras_factorized.atomic_io import publish_directory
 from keras_factorized.atomic_io import remove_stale_parts
 from keras_factorized.atomic_io import rename_no_replace
@@ -529,7 +530,7 @@ def _float32_copy(model):
     whose layers compute in float32 (its variables are float32 already).
     """
     low = ("float16", "bfloat16")
-    if not any(layer.compute_dtype in low for layer in model._flatten_layers()):
+    if not any(layer.compute_dtype in low for layer in _keras_compat.flatten_layers(model, include_self=True)):
         return model
 
     def clone_layer(layer):

@@ -13,6 +13,7 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from keras_factorized import _keras_compat  # noqa: E402
 from keras_factorized import LowRankEinsumDense  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,5 +53,5 @@ def test_example_runs_every_method_and_round_trips(tiny_bert_preset, capsys):
     assert "loads back with the same outputs: True" in out
     assert method in ("svd", "whitened", "learned")
     assert -1.0 <= cosine <= 1.0 and np.isfinite(cosine)
-    factorized = [layer for layer in small._flatten_layers() if isinstance(layer, LowRankEinsumDense)]
+    factorized = [layer for layer in _keras_compat.flatten_layers(small, include_self=True) if isinstance(layer, LowRankEinsumDense)]
     assert len(factorized) == 2 * 3  # Q, K, V of both layers

@@ -3,13 +3,13 @@ import os
 import keras
 import numpy as np
 import pytest
-from keras.src import testing
+from keras_factorized._keras_compat import testing_test_case
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import truncated_svd
 
 
-class FactorizedEmbeddingLayerTest(testing.TestCase):
+class FactorizedEmbeddingLayerTest(testing_test_case()):
     """Keras's own layer checks: config round trip, build, training, dtypes."""
 
     def test_run_layer_test(self):

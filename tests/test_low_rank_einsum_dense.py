@@ -3,7 +3,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from keras.src import testing
+from keras_factorized._keras_compat import testing_test_case
 
 from keras_factorized import LowRankEinsumDense
 from keras_factorized.layers.low_rank_einsum_dense import EinsumFactorization
@@ -20,7 +20,7 @@ EQUATIONS = [
 ]
 
 
-class LowRankEinsumDenseLayerTest(testing.TestCase):
+class LowRankEinsumDenseLayerTest(testing_test_case()):
     def test_run_layer_test(self):
         self.run_layer_test(
             LowRankEinsumDense,

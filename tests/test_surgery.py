@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_factorized import _keras_compat
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
 from keras_factorized import LowRankEinsumDense
@@ -29,7 +30,7 @@ def _make_low_rank(model, rank, seed=0):
     """Gives every Dense/EinsumDense kernel of `model` an exact rank of `rank`,
     so that a rank-`rank` factorization must reproduce the outputs."""
     rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _keras_compat.flatten_layers(model):
         if type(layer) is keras.layers.Dense:
             m, n = layer.kernel.shape
             layer.kernel.assign(

@@ -18,6 +18,7 @@ if keras.backend.backend() != "tensorflow":
 
 import tensorflow as tf  # noqa: E402
 
+from keras_factorized import _keras_compat  # noqa: E402
 from keras_factorized import export  # noqa: E402
 
 # The classifier of the IMDB example (a script beside the library).
@@ -152,4 +153,4 @@ def test_mixed_precision_model_converts_through_a_float32_copy(tmp_path):
     expected = keras.ops.convert_to_numpy(model(ids)).astype("float32")
     # The Keras model computes in bfloat16 (8 bits of mantissa), TFLite in float32.
     np.testing.assert_allclose(got, expected, atol=2e-2)
-    assert any(layer.compute_dtype == "bfloat16" for layer in model._flatten_layers())
+    assert any(layer.compute_dtype == "bfloat16" for layer in _keras_compat.flatten_layers(model, include_self=True))

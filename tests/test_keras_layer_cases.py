@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 from keras import ops
-from keras.src import testing
+from keras_factorized._keras_compat import testing_test_case
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
@@ -138,7 +138,7 @@ def _fit_one_step(model, x, learning_rate=0.5):
 # the mixed_float16 dtype check of Keras's own tests.
 
 
-class EmbeddingLayerCasesTest(testing.TestCase):
+class EmbeddingLayerCasesTest(testing_test_case()):
     def test_embedding_basics(self):
         self.run_layer_test(
             FactorizedEmbedding,
@@ -199,7 +199,7 @@ class EmbeddingLayerCasesTest(testing.TestCase):
         )
 
 
-class DenseLayerCasesTest(testing.TestCase):
+class DenseLayerCasesTest(testing_test_case()):
     def test_dense_basics(self):
         self.run_layer_test(
             LowRankDense,
@@ -309,8 +309,17 @@ def _einsum_full_rank(equation, kernel_shape):
     return min(math.prod(contracted), math.prod(outputs))
 
 
-class EinsumDenseLayerCasesTest(testing.TestCase):
-    @parameterized.named_parameters(*EINSUM_CASES)
+# `run_layer_test` (a training step and a mixed-precision pass each) on one
+# case per equation form and bias layout, to keep the suite fast; the
+# comparison with `EinsumDense` below runs on every case.
+BASICS_CASES = [case for case in EINSUM_CASES if case[0] in {
+    "2d_middle_weight", "3d_1_3_bias", "3d_bert_projection", "attention_output",
+    "2d_bert", "xlnet_lm", "2d_precast_multiple_elided_dims", "3d_precast_2_3_bias",
+    "2d_postcast", "2d_postcast_ab", "3d_postcast_1_2_bias"}]
+
+
+class EinsumDenseLayerCasesTest(testing_test_case()):
+    @parameterized.named_parameters(*BASICS_CASES)
     def test_einsum_dense_basics(
         self,
         equation,
@@ -427,6 +436,20 @@ def test_merge_gives_back_the_keras_weights(kind):
     for got, want in zip(merged.weights, dense.weights):
         np.testing.assert_allclose(_np(got), _np(want), atol=1e-5)
     np.testing.assert_allclose(_np(merged(x)), _np(dense(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_from_layer_factors_and_merge(kind):
+    """The shared API: `from_layer`, 2-D `factors()`, `set_factors`, `merge()`."""
+    keras_layer, x = _keras_layer(kind)
+    low = type(_factorize(kind, keras_layer)).from_layer(keras_layer, FULL_RANK[kind])
+    a, b = low.factors()
+    assert a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0] == low.rank
+    merged = low.merge()
+    assert type(merged) is type(keras_layer)
+    np.testing.assert_allclose(_np(merged(x)), _np(keras_layer(x)), atol=1e-5)
+    low.set_factors(a * 2.0, b)
+    np.testing.assert_allclose(low.factors()[0], a * 2.0, rtol=1e-6)
 
 
 def test_compute_output_shape_before_build():
@@ -669,9 +692,18 @@ POLICIES = {
 }
 
 
+def _skip_without_float64(policy):
+    if policy == "float64" and keras.backend.standardize_dtype(
+        ops.convert_to_tensor(np.zeros(1, "float64")).dtype
+    ) != "float64":
+        pytest.skip("float64 needs JAX's jax_enable_x64 (off: Keras's own layers "
+                    "get float32 variables too)")
+
+
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_dtype_policies(kind, policy):
+    _skip_without_float64(policy)
     compute_dtype, factor_dtype, atol = POLICIES[policy]
     low, dense, x = _pair(kind, dtype=policy)
     assert low.dtype_policy.name == policy
@@ -694,6 +726,7 @@ def test_dtype_policies(kind, policy):
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 @pytest.mark.parametrize("policy", ["float64", "mixed_bfloat16"])
 def test_global_dtype_policy_applies_to_fresh_layers(kind, policy):
+    _skip_without_float64(policy)
     keras.mixed_precision.set_global_policy(policy)
     layer, x = _fresh_layer(kind)
     if x.dtype.kind == "f":

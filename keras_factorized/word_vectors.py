@@ -67,6 +67,37 @@ def _invalid(name, value, expected):
     )
 
 
+def _split_word(line: bytes):
+    """`(word, rest)` of a `word v1 ... vd` line (space or tab separated)."""
+    stripped = line.rstrip(b"\r\n")
+    cut = stripped.find(b" ")
+    if cut <= 0:
+        cut = stripped.find(b"\t")
+    if cut <= 0:
+        # A line holding one token: a word without numbers (or a blank line).
+        token = stripped.strip()
+        return (token or None), b""
+    return stripped[:cut], stripped[cut + 1 :]
+
+
+def _parse_vector(text: bytes, dim, line_number: int, path: str, word: str) -> np.ndarray:
+    """The numbers of one line, or a ValueError naming the line and the word."""
+    where = f"Line {line_number} of {path!r} (word {word!r})"
+    try:
+        vector = np.array(text.split(), dtype=np.float32)
+    except ValueError as e:
+        raise ValueError(f"{where} could not be parsed as numbers: {e}") from e
+    if vector.shape[0] == 0:
+        raise ValueError(f"{where} has no numbers after the word.")
+    if dim is not None and vector.shape[0] != dim:
+        raise ValueError(
+            f"{where} has {vector.shape[0]} numbers, but the file's vectors have {dim}."
+        )
+    if not np.all(np.isfinite(vector)):
+        raise ValueError(f"{where} holds NaN or Inf (or a number too large for float32).")
+    return vector
+
+
 def load_word_vectors(
     path: str,
     vocabulary,
@@ -94,6 +125,13 @@ def load_word_vectors(
 
     Returns:
         A `WordVectors`; `summary()` reports the out-of-vocabulary words.
+
+    Raises:
+        ValueError: naming the line and word, when a line of a vocabulary
+            word has no numbers, text that is not a number, NaN/Inf, or a
+            length other than the file's; or when no word of the vocabulary
+            is in the file (an empty file, another casing). Lines of other
+            words are never parsed, so they cannot fail.
 
     Example:
 
@@ -125,13 +163,9 @@ def load_word_vectors(
     dim = None
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
-            cut = line.find(b" ")
-            if cut <= 0:
-                if line.strip():
-                    cut = line.find(b"\t")
-                if cut <= 0:
-                    continue
-            word = line[:cut]
+            word, rest = _split_word(line)
+            if word is None:
+                continue
             if line_number == 1 and word.isdigit():
                 header = line.split()
                 if len(header) == 2 and header[1].isdigit():
@@ -140,21 +174,8 @@ def load_word_vectors(
             index = wanted.get(word)
             if index is None or index in rows:
                 continue
-            try:
-                vector = np.array(line[cut + 1 :].split(), dtype=np.float32)
-            except ValueError as e:
-                raise ValueError(
-                    f"Could not parse line {line_number} of {path!r} (word "
-                    f"{word.decode(encoding, 'replace')!r}) as numbers: {e}"
-                ) from e
-            if dim is None:
-                dim = vector.shape[0]
-            if vector.shape[0] != dim:
-                raise ValueError(
-                    f"Line {line_number} of {path!r} (word "
-                    f"{word.decode(encoding, 'replace')!r}) has {vector.shape[0]} "
-                    f"numbers, but the file's vectors have {dim}."
-                )
+            vector = _parse_vector(rest, dim, line_number, path, word.decode(encoding, "replace"))
+            dim = vector.shape[0]
             rows[index] = vector
     if dim is None or not rows:
         raise ValueError(

@@ -12,6 +12,7 @@ config and re-applies the plan before the weights are loaded.
 from __future__ import annotations
 
 import importlib
+import re
 
 import keras
 
@@ -60,12 +61,51 @@ def class_reference(cls) -> dict:
     }
 
 
+# Packages whose modules Keras's own deserializer imports to find a class
+# (`keras.src.saving.serialization_lib._retrieve_class_or_fn`, Keras 3.10 to
+# 3.15); any other class must be registered (or passed in `custom_objects`).
+_ALLOWED_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
+_DOTTED_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _refuse(base_ref, reason: str) -> ValueError:
+    return ValueError(
+        f"Cannot load the factorized model's class: {reason}. Only classes "
+        "registered with `keras.saving.register_keras_serializable` (or passed "
+        "in `custom_objects`) and Keras layers of the packages "
+        f"{sorted(_ALLOWED_PACKAGES)} are loaded; no other module is imported, "
+        f"whatever `safe_mode` says. Received: base={base_ref!r}"
+    )
+
+
 def _resolve_class(config):
-    """The model class named by a saved `class_reference` (`config["base"]`)."""
-    base_ref = config["base"]
+    """The model class named by a saved `class_reference` (`config["base"]`).
+
+    Resolved like Keras's own deserializer does, never by importing the
+    module a file names: first through Keras's registry (which includes any
+    `custom_objects` of the current `load_model` call), then in Keras's own
+    packages only. The class must be a `keras.layers.Layer` subclass (models
+    are); anything else is refused with a `ValueError` naming it.
+    """
+    base_ref = config.get("base") if isinstance(config, dict) else None
+    if not isinstance(base_ref, dict) or not all(
+        isinstance(base_ref.get(key), str) for key in ("module", "class_name", "registered_name")
+    ):
+        raise _refuse(base_ref, "the saved config has no valid `base` class reference")
+    module, class_name = base_ref["module"], base_ref["class_name"]
+    where = f"class `{class_name}` of module `{module}`"
     base = keras.saving.get_registered_object(base_ref["registered_name"])
     if base is None:
-        base = getattr(importlib.import_module(base_ref["module"]), base_ref["class_name"])
+        if not _DOTTED_NAME.match(module) or not class_name.isidentifier():
+            raise _refuse(base_ref, f"{where} is not a valid class reference")
+        if module.split(".", 1)[0] not in _ALLOWED_PACKAGES:
+            raise _refuse(base_ref, f"{where} is neither registered nor part of Keras")
+        try:
+            base = vars(importlib.import_module(module)).get(class_name)
+        except ImportError as e:
+            raise _refuse(base_ref, f"{where} cannot be imported ({e})") from e
+    if not (isinstance(base, type) and issubclass(base, keras.layers.Layer)):
+        raise _refuse(base_ref, f"{where} is not a Keras layer or model class")
     return base
 
 

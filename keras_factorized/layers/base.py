@@ -31,6 +31,7 @@ from keras import ops
 
 from keras_factorized import decomposition
 from keras_factorized import validation
+from keras_factorized.layers.factor_quantization import FactorQuantization
 
 _LOW_PRECISION = ("float16", "bfloat16")
 _FACTOR_OPTIONS = ("initializer", "regularizer", "constraint")
@@ -65,7 +66,7 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(value))
 
 
-class LowRankLayer(keras.layers.Layer):
+class LowRankLayer(FactorQuantization, keras.layers.Layer):
     """Base class of the layers that keep a weight matrix as `A @ B`.
 
     Not used directly: see `FactorizedEmbedding`, `LowRankDense` and
@@ -73,6 +74,9 @@ class LowRankLayer(keras.layers.Layer):
     call `_init_factors` in `__init__` and `_add_factors` in `build`, and
     implement the hooks `_shape_kwargs`, `_build_shape`, `_dense_kwargs`,
     `_counterpart_kwargs`, `matrix_of` and `_kernel_from_matrix`.
+
+    `quantize("int8")` (and `model.quantize("int8")`) comes from
+    `FactorQuantization`: int8 factors, one scale per output column.
     """
 
     #: Names of the two factor variables (and prefixes of their options).
@@ -104,7 +108,14 @@ class LowRankLayer(keras.layers.Layer):
         return factor_dtype(self.dtype_policy)
 
     def _add_factors(self, a_shape, b_shape):
-        """Creates the two factor variables (call from `build`)."""
+        """Creates the two factor variables (call from `build`).
+
+        Under a quantized dtype policy (a layer loaded after `quantize()`),
+        creates the quantized variables instead.
+        """
+        if self.quantization_mode is not None:
+            self.quantized_build((a_shape, b_shape), self.quantization_mode)
+            return
         for factor, shape, trainable in zip(
             self.factor_names, (a_shape, b_shape), (self._a_trainable, self._b_trainable)
         ):
@@ -140,7 +151,7 @@ class LowRankLayer(keras.layers.Layer):
         name = ("a_trainable", "b_trainable")[index]
         value = validation.check_bool(name, value)
         setattr(self, f"_{name}", value)
-        if self.built:
+        if self.built and self.quantization_mode is None:
             self._factor_variables()[index].trainable = value
 
     @property
@@ -172,13 +183,17 @@ class LowRankLayer(keras.layers.Layer):
         return (int(np.prod(a.shape[:-1])), int(np.prod(b.shape[1:])))
 
     def factors(self):
-        """The factors as 2-D NumPy arrays: `A` `(m, rank)` and `B` `(rank, n)`."""
+        """The factors as 2-D NumPy arrays: `A` `(m, rank)` and `B` `(rank, n)`.
+
+        Of a quantized layer: the dequantized factors (float32; the scales of
+        `A` are folded into `B`), whose product is the quantized `W`.
+        """
         self._require_built("factors")
-        a, b = self._factor_variables()
+        a, b = self._factor_arrays()
         m, n = self.matrix_shape
         return (
-            _as_numpy(a).reshape(m, self.rank),
-            _as_numpy(b).reshape(self.rank, n),
+            np.asarray(a).reshape(m, self.rank),
+            np.asarray(b).reshape(self.rank, n),
         )
 
     def set_factors(self, a, b, bias=None):
@@ -189,6 +204,7 @@ class LowRankLayer(keras.layers.Layer):
             b: array of shape `(rank, n)`, or already in the variable's shape.
             bias: optional array of the bias's shape.
         """
+        self._check_not_quantized("set_factors")
         if not self.built:
             self.build(self._build_shape(np.shape(a), np.shape(b)))
         m, n = self.matrix_shape
@@ -311,6 +327,11 @@ class LowRankLayer(keras.layers.Layer):
     def merge(self, **kwargs):
         """The dense counterpart holding `A @ B`: same outputs, no factors.
 
+        A quantized layer merges into a float counterpart (under the policy
+        it was quantized from) holding the dequantized product, so the
+        outputs stay the same; call `quantize()` on the result to get
+        Keras's own int8 layer.
+
         Args:
             **kwargs: constructor arguments of the counterpart that override
                 the copied ones.
@@ -322,7 +343,10 @@ class LowRankLayer(keras.layers.Layer):
         self._require_built("merge")
         a, b = self.factors()
         merged = np.matmul(a.astype(np.float64), b.astype(np.float64))
-        dense = self.dense_class(**{**self._dense_kwargs(), **kwargs})
+        dense_kwargs = self._dense_kwargs()
+        if self.quantization_mode is not None:
+            dense_kwargs["dtype"] = self._float_dtype_policy()
+        dense = self.dense_class(**{**dense_kwargs, **kwargs})
         dense.build(self._dense_build_shape())
         weight = self._dense_weight(dense)
         weight.assign(self._kernel_from_matrix(merged).astype(weight.dtype))

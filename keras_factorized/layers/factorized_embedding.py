@@ -141,7 +141,8 @@ class FactorizedEmbedding(LowRankLayer):
     @property
     def embeddings(self):
         """The merged `input_dim x output_dim` table `A @ B` (a tensor)."""
-        return ops.matmul(self.embeddings_a, self.embeddings_b)
+        a, b = self._float_factors()
+        return ops.matmul(a, b)
 
     def call(self, inputs):
         # A ragged batch (TensorFlow, e.g. `TextVectorization(ragged=True)`)
@@ -151,8 +152,10 @@ class FactorizedEmbedding(LowRankLayer):
         ids = inputs if flat is None else flat
         if ids.dtype != "int32" and ids.dtype != "int64":
             ids = ops.cast(ids, "int32")
+        # Gather the stored rows of A (int8 rows once quantized, whose scales
+        # live in B), then cast: the lookup stays a gather.
         rows = ops.cast(ops.take(self.embeddings_a, ids, axis=0), self.compute_dtype)
-        outputs = ops.matmul(rows, ops.cast(self.embeddings_b, self.compute_dtype))
+        outputs = ops.matmul(rows, self._compute_b())
         return outputs if flat is None else inputs.with_flat_values(outputs)
 
     def compute_mask(self, inputs, mask=None):

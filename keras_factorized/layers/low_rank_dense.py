@@ -151,12 +151,13 @@ class LowRankDense(LowRankLayer):
     @property
     def kernel(self):
         """The merged `input_dim x units` kernel `A @ B` (a tensor)."""
-        return ops.matmul(self.kernel_a, self.kernel_b)
+        a, b = self._float_factors()
+        return ops.matmul(a, b)
 
     def call(self, inputs):
         # (x @ A) @ B costs (m + n) k per row; x @ (A @ B) would cost m n.
-        hidden = ops.matmul(inputs, ops.cast(self.kernel_a, self.compute_dtype))
-        outputs = ops.matmul(hidden, ops.cast(self.kernel_b, self.compute_dtype))
+        kernel_a, kernel_b = self._compute_factors()  # dequantized if quantized
+        outputs = ops.matmul(ops.matmul(inputs, kernel_a), kernel_b)
         if self.use_bias:
             outputs = ops.add(outputs, ops.cast(self.bias, self.compute_dtype))
         if self.activation is not None:

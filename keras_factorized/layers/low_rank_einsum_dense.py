@@ -164,8 +164,9 @@ class LowRankEinsumDense(LowRankLayer):
         if not self.built:
             raise AttributeError("You must build the layer before accessing `kernel`.")
         m, n = self.matrix_shape
-        product = ops.matmul(ops.reshape(self.kernel_a, (m, self.rank)),
-                             ops.reshape(self.kernel_b, (self.rank, n)))
+        kernel_a, kernel_b = self._float_factors()
+        product = ops.matmul(ops.reshape(kernel_a, (m, self.rank)),
+                             ops.reshape(kernel_b, (self.rank, n)))
         contracted, outputs = self._factorization.split_shape(self.kernel_shape)
         product = ops.reshape(product, contracted + outputs)
         return ops.transpose(product, self._factorization.to_kernel_order)
@@ -177,8 +178,7 @@ class LowRankEinsumDense(LowRankLayer):
         return tuple(output_shape)
 
     def call(self, inputs, training=None):
-        kernel_a = ops.cast(self.kernel_a, self.compute_dtype)
-        kernel_b = ops.cast(self.kernel_b, self.compute_dtype)
+        kernel_a, kernel_b = self._compute_factors()  # dequantized if quantized
         x = ops.einsum(self._factorization.equation_a, inputs, kernel_a)
         x = ops.einsum(self._factorization.equation_b, x, kernel_b)
         if self.bias is not None:

@@ -192,7 +192,7 @@ def test_without_network_or_cache_load_imdb_falls_back_to_the_sample(monkeypatch
     data, source = imdb.load_imdb()
     assert source.kind == "sample" and source.path == imdb.SAMPLE_ARCHIVE
     assert "embedded sample" in source.message and "--data PATH" in source.message
-    assert "did not answer" in source.message
+    assert "could not be reached" in source.message
     assert [len(s.texts) for s in data] == [1600, 400, 2000]
 
 

@@ -182,3 +182,75 @@ def test_saved_size_excludes_optimizer_state():
     weights_bytes = 4 * model.count_params()
     # With Adam's two moments the file would be about 3x the weights.
     assert weights_bytes < example.saved_size(model) < 1.5 * weights_bytes
+
+
+# ---------------------------------------------------------------- --pretrained
+
+GLOVE = os.path.join(HERE, "data", "minilm_glove_mini.txt")  # 200 real MiniLM rows
+
+
+def test_pretrained_glove_file_frozen_full_table_and_svd_ranks(tmp_path):
+    args = parse(
+        ["--data", FIXTURE, "--max-samples", "40", "--pretrained", GLOVE, "--ranks", "2,8",
+         "--freeze-embedding", "--output-dir", str(tmp_path)] + TINY
+    )  # fmt: skip
+    results = example.run(args)
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == ["pretrained (frozen)", "pretrained rank 2 (frozen)", "pretrained rank 8 (frozen)"]
+    vocab = results["vectorizer"].get_vocabulary()
+    assert rows["pretrained (frozen)"]["embedding_params"] == len(vocab) * 384
+    assert rows["pretrained rank 8 (frozen)"]["embedding_params"] == len(vocab) * 8 + 8 * 384
+    full = results["models"]["pretrained (frozen)"].get_layer("embedding")
+    low = results["models"]["pretrained rank 8 (frozen)"].get_layer("embedding")
+    assert not full.trainable and not low.trainable
+    # The table holds the file's vector for a word of the fixture, and the
+    # rank-8 factors are its best rank-8 approximation (SVD).
+    table = keras.ops.convert_to_numpy(full.embeddings)
+    with open(GLOVE) as f:
+        word, *values = f.readline().split()
+    np.testing.assert_allclose(table[vocab.index(word)], np.array(values, "float32"), atol=1e-6)
+    approx = keras.ops.convert_to_numpy(low.embeddings)
+    s = np.linalg.svd(table, compute_uv=False)
+    assert np.linalg.norm(table - approx) == pytest.approx(np.sqrt((s[8:] ** 2).sum()), rel=1e-3)
+    choice = results["rank_choice"]
+    assert choice is None or choice["rank"] in (2, 8)
+
+
+def test_pretrained_bert_preset_uses_wordpiece_and_trains_the_table(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "good", "bad", "##s", "a"]
+    folder = str(tmp_path / "tiny_bert")
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(words), num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=32,
+    ).save_to_preset(folder)  # fmt: skip
+    keras_hub.models.BertTokenizer(vocabulary=words).save_to_preset(folder)
+    args = parse(
+        ["--data", FIXTURE, "--max-samples", "40", "--pretrained", folder, "--ranks", "4",
+         "--output-dir", str(tmp_path)] + TINY
+    )  # fmt: skip
+    results = example.run(args)
+    assert [row["model"] for row in results["rows"]] == ["pretrained", "pretrained rank 4"]
+    assert results["rows"][0]["embedding_params"] == len(words) * 16
+    assert results["models"]["pretrained rank 4"].get_layer("embedding").trainable
+    assert results["vectorizer"] is None  # WordPiece ids, no TextVectorization
+
+
+def test_bad_pretrained_path_is_a_clear_error(capsys):
+    assert example.main(["--data", FIXTURE, "--pretrained", "/nonexistent/glove.txt"]) == 2
+    assert "`pretrained`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "vals, tolerance, expected",
+    [
+        ({None: 0.80, 2: 0.70, 8: 0.806, 32: 0.81}, 0.5, 8),  # 80.6 is within 0.5 of 81
+        ({None: 0.80, 2: 0.70, 8: 0.79, 32: 0.81}, 0.5, 32),
+        ({None: 0.90, 2: 0.70}, 0.5, None),  # no rank close enough
+        ({None: 0.80, 2: 0.70, 8: 0.79}, 15.0, 2),
+    ],
+)
+def test_select_rank_takes_the_smallest_rank_within_the_tolerance(vals, tolerance, expected):
+    rows = [{"model": f"m{r}", "rank": r, "val_accuracy": v} for r, v in vals.items()]
+    chosen = example.select_rank(rows, tolerance)
+    assert (chosen and chosen["rank"]) == expected

@@ -11,13 +11,23 @@ Embedding -> LSTM -> sigmoid), trained three ways on the same reviews:
    (`FactorizedEmbedding.from_embedding`) to each rank in `--svd-ranks`, then
    fine-tuned for `--svd-epochs` epochs.
 
-It prints a table (parameters, compression, test accuracy, `.keras` size)
-and writes it to `OUTPUT_DIR/results.json`. Without `--data` it reads the
+With `--pretrained` (a GloVe/word2vec text file, or a BERT preset folder such
+as all-MiniLM-L6-v2's) the reviews are tokenized the way the vectors expect
+(words for GloVe, WordPiece for BERT) and the models are the full pretrained
+table and its truncated SVD at each rank of `--ranks`
+(`FactorizedEmbedding.from_matrix`), fine-tuned or, with
+`--freeze-embedding`, frozen.
+
+It prints a table (parameters, compression, test accuracy, `.keras` size),
+picks the smallest rank whose validation accuracy is within
+`--rank-tolerance` points of the best (choosing the rank by validation, never
+by test), and writes both to `OUTPUT_DIR/results.json`. Without `--data` it reads the
 full dataset when it is cached or can be downloaded, and otherwise a sample
 of 4,000 real reviews shipped with keras-factorized; it says which.
 
     python examples/imdb_lstm/imdb_lstm.py
     python examples/imdb_lstm/imdb_lstm.py --data aclImdb_v1.tar.gz --ranks 16,4 --epochs 3
+    python examples/imdb_lstm/imdb_lstm.py --pretrained glove.6B.100d.txt --ranks 8,32 --freeze-embedding
 
 Statistics over several seeds, tables and plots: `benchmarks/imdb_benchmark.py`.
 """
@@ -28,6 +38,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -121,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="export the best factorized model, taking raw text, for TF Serving",
     )
     add("--tflite", metavar="PATH", help="also write the best factorized model as TFLite")
+    add(
+        "--pretrained",
+        metavar="PATH",
+        help="GloVe/word2vec text file, or a BERT preset folder (WordPiece tokens): start "
+        "from these vectors, full and SVD-truncated at each of --ranks (--svd-ranks unused)",
+    )
+    add("--freeze-embedding", action="store_true", help="with --pretrained: do not train the table")
+    add(
+        "--rank-tolerance",
+        type=float,
+        default=0.5,
+        help="pick the smallest rank within this many points of the best validation accuracy",
+    )
     add("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
     return parser
 
@@ -151,7 +175,7 @@ def check_args(args: argparse.Namespace) -> None:
             "Received an invalid value for `learning_rate`, expected a float > 0. "
             f"Received: learning_rate={args.learning_rate!r}"
         )
-    for name in ("ranks", "svd_ranks"):
+    for name in () if args.pretrained else ("ranks", "svd_ranks"):
         if any(rank > args.embedding_dim for rank in getattr(args, name)):
             raise ValueError(
                 f"Received an invalid value for `{name}`, expected ranks in "
@@ -160,29 +184,89 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
-def vectorize(data, vocab_size: int, sequence_length: int):
-    """Adapts a `TextVectorization` on the training reviews; maps every split to ids.
-
-    Long reviews keep their last `sequence_length` tokens (their conclusion,
-    as `keras.utils.pad_sequences(truncating="pre")`); padding goes at the end.
-    """
+def adapt_vectorizer(data, vocab_size: int):
+    """A word-level `TextVectorization` adapted on the training reviews."""
     vectorizer = keras.layers.TextVectorization(max_tokens=vocab_size, name="text_vectorization")
     vectorizer.adapt(data.train.texts.astype(str), batch_size=1024)
+    return vectorizer
+
+
+def token_ids(tokenize, data, sequence_length: int) -> dict:
+    """Maps every split to `(ids, labels)` with `tokenize` (texts -> token ids).
+
+    Long reviews keep their last `sequence_length` tokens (their conclusion,
+    as `keras.utils.pad_sequences(truncating="pre")`); padding (id 0) goes at
+    the end.
+    """
 
     def ids(texts):
         rows = []
         for start in range(0, len(texts), 1024):
-            batch = keras.ops.convert_to_numpy(vectorizer(texts[start : start + 1024].astype(str)))
-            rows += [row[row != 0] for row in batch]  # Id 0 is padding only.
+            batch = tokenize(texts[start : start + 1024].astype(str))
+            if hasattr(batch, "to_list"):  # A ragged tensor (WordPiece on TensorFlow).
+                batch = batch.to_list()
+            elif not isinstance(batch, list):  # Dense ids (TextVectorization).
+                batch = keras.ops.convert_to_numpy(batch)
+            rows += [[i for i in row if i != 0] for row in batch]  # Id 0 is padding only.
         return keras.utils.pad_sequences(
             rows, maxlen=sequence_length, padding="post", truncating="pre", dtype="int32"
         )
 
-    arrays = {
+    return {
         name: (ids(split.texts), split.labels)
         for name, split in zip(("train", "validation", "test"), data)
     }
-    return vectorizer, arrays
+
+
+def vectorize(data, vocab_size: int, sequence_length: int):
+    """`(vectorizer, arrays)`: word-level token ids of every split."""
+    vectorizer = adapt_vectorizer(data, vocab_size)
+    return vectorizer, token_ids(vectorizer, data, sequence_length)
+
+
+def load_pretrained(path: str, data, vocab_size: int):
+    """`(tokenize, matrix, vectorizer)` for `--pretrained PATH`.
+
+    A folder is a BERT preset (KerasHub, or Hugging Face `config.json` +
+    `model.safetensors` + `vocab.txt`): its WordPiece tokenizer and its token
+    embedding table; `vectorizer` is then `None`. A file is GloVe/word2vec
+    text: the vectors of a word-level `TextVectorization`'s vocabulary
+    (missing words get zero rows).
+    """
+    if not os.path.exists(path):
+        raise ValueError(
+            "Received an invalid value for `pretrained`, expected a GloVe/word2vec "
+            f"text file or a BERT preset folder. Received: pretrained={path!r}"
+        )
+    if os.path.isdir(path):
+        import keras_hub
+
+        tokenizer = keras_hub.models.BertTokenizer.from_preset(path)
+        backbone = keras_hub.models.BertBackbone.from_preset(path)
+        matrix = keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)
+        print(f"Pretrained: WordPiece table {matrix.shape[0]:,} x {matrix.shape[1]} from {path}")
+        return lambda texts: tokenizer([re.sub(r"<br\s*/?>", " ", t) for t in texts]), matrix, None
+    from keras_factorized.word_vectors import load_word_vectors
+
+    vectorizer = adapt_vectorizer(data, vocab_size)
+    vectors = load_word_vectors(path, vectorizer.get_vocabulary())
+    print(f"Pretrained: {vectors.matrix.shape[1]}-d vectors from {path}; {vectors.summary(5)}")
+    return vectorizer, vectors.matrix, vectorizer
+
+
+def pretrained_embedding(matrix, rank=None, trainable=True):
+    """The full pretrained table (`rank=None`), or its truncated SVD at `rank`."""
+    if rank is None:
+        vocab, dim = matrix.shape
+        layer = keras.layers.Embedding(
+            vocab, dim, mask_zero=True, trainable=trainable, name="embedding"
+        )
+        layer.build((None,))
+        layer.set_weights([matrix])
+        return layer
+    return FactorizedEmbedding.from_matrix(
+        matrix, rank=rank, mask_zero=True, trainable=trainable, name="embedding"
+    )
 
 
 def build_model(
@@ -280,6 +364,33 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def strategy_scope(args):
+    """The `scope` of the `--strategy` (a no-op context for `default`)."""
+    if args.strategy == "default":
+        return contextlib.nullcontext
+    from keras_factorized.distribute import get_strategy
+
+    return get_strategy(args.strategy).scope
+
+
+def describe(model, arrays, name, kind, rank, seed, info, **extra) -> dict:
+    """One result row: sizes, test accuracy and the training `info` of `model`."""
+    row = {
+        "model": name,
+        "kind": kind,
+        "rank": rank,
+        "seed": seed,
+        "embedding_params": model.get_layer("embedding").count_params(),
+        "total_params": model.count_params(),
+        "test_accuracy": accuracy(model, arrays),
+        "model_size_bytes": saved_size(model),
+        **info,
+        **extra,
+    }
+    print(f"==> {name}: test accuracy {100 * row['test_accuracy']:.2f}%")
+    return row
+
+
 def train_all(arrays, vocab_size, args, seed):
     """Trains the baseline, each scratch rank and each SVD rank; yields `(row, model)`."""
     sizes = dict(
@@ -289,42 +400,21 @@ def train_all(arrays, vocab_size, args, seed):
         lstm_units=args.lstm_units,
         lstm_unroll=args.lstm_unroll,
     )
-    scope = contextlib.nullcontext
-    if args.strategy != "default":
-        from keras_factorized.distribute import get_strategy
-
-        scope = get_strategy(args.strategy).scope
-
-    def row(model, name, kind, rank, info, **extra):
-        result = {
-            "model": name,
-            "kind": kind,
-            "rank": rank,
-            "seed": seed,
-            "embedding_params": model.get_layer("embedding").count_params(),
-            "total_params": model.count_params(),
-            "test_accuracy": accuracy(model, arrays),
-            "model_size_bytes": saved_size(model),
-            **info,
-            **extra,
-        }
-        print(f"==> {name}: test accuracy {100 * result['test_accuracy']:.2f}%")
-        return result
-
+    scope, fit = strategy_scope(args), dict(epochs=args.epochs, learning_rate=args.learning_rate)
     keras.utils.set_random_seed(seed)
     print(f"\n=== baseline: Embedding({vocab_size}, {args.embedding_dim})")
     with scope():
         baseline = build_model(**sizes, name="baseline")
-        info = train(baseline, arrays, args, epochs=args.epochs, learning_rate=args.learning_rate)
-    yield row(baseline, "baseline", "baseline", None, info), baseline
+        info = train(baseline, arrays, args, **fit)
+    yield describe(baseline, arrays, "baseline", "baseline", None, seed, info), baseline
 
     for rank in args.ranks:
         keras.utils.set_random_seed(seed)
         print(f"\n=== FactorizedEmbedding rank {rank}, from scratch")
         with scope():
             model = build_model(**sizes, rank=rank, name=f"rank{rank}")
-            info = train(model, arrays, args, epochs=args.epochs, learning_rate=args.learning_rate)
-        yield row(model, f"rank {rank}", "scratch", rank, info), model
+            info = train(model, arrays, args, **fit)
+        yield describe(model, arrays, f"rank {rank}", "scratch", rank, seed, info), model
 
     for rank in args.svd_ranks:
         keras.utils.set_random_seed(seed)
@@ -338,43 +428,60 @@ def train_all(arrays, vocab_size, args, seed):
                 model.get_layer(name).set_weights(baseline.get_layer(name).get_weights())
             model.compile(loss="binary_crossentropy", metrics=["accuracy"])
             before = accuracy(model, arrays)
-            if args.svd_epochs:
-                info = train(
-                    model,
-                    arrays,
-                    args,
-                    epochs=args.svd_epochs,
-                    learning_rate=args.svd_learning_rate,
-                    early_stopping=False,
-                )
-            else:
-                info = {
-                    "epochs_trained": 0,
-                    "time_per_epoch_s": 0.0,
-                    "val_accuracy_history": [],
-                    "val_accuracy": accuracy(model, arrays, "validation"),
-                }
-        yield (
-            row(
-                model,
-                f"svd rank {rank}",
-                "svd",
-                rank,
-                info,
-                test_accuracy_before_fine_tuning=before,
-            ),
-            model,
+            epochs = dict(epochs=args.svd_epochs, learning_rate=args.svd_learning_rate)
+            info = train(model, arrays, args, **epochs, early_stopping=False)
+        name = f"svd rank {rank}"
+        row = describe(
+            model, arrays, name, "svd", rank, seed, info, test_accuracy_before_fine_tuning=before
         )
+        yield row, model
+
+
+def train_pretrained(arrays, matrix, args, seed):
+    """Trains on the full pretrained table, then on its SVD at each rank; yields `(row, model)`."""
+    trainable = not args.freeze_embedding
+    suffix = "" if trainable else " (frozen)"
+    vocab_size, dim = matrix.shape
+    scope = strategy_scope(args)
+    for rank in [None, *args.ranks]:
+        keras.utils.set_random_seed(seed)
+        name = ("pretrained" if rank is None else f"pretrained rank {rank}") + suffix
+        print(
+            f"\n=== {name}: {vocab_size:,} x {dim} table" + (f", SVD rank {rank}" if rank else "")
+        )
+        with scope():
+            embedding = pretrained_embedding(matrix, rank, trainable)
+            model = build_model(
+                vocab_size, args.sequence_length, dim, args.lstm_units,
+                embedding=embedding, lstm_unroll=args.lstm_unroll,
+                name="pretrained" if rank is None else f"pretrained_rank{rank}",
+            )  # fmt: skip
+            info = train(model, arrays, args, epochs=args.epochs, learning_rate=args.learning_rate)
+        kind = "pretrained" if rank is None else "pretrained_svd"
+        yield describe(model, arrays, name, kind, rank, seed, info, frozen=not trainable), model
+
+
+def select_rank(rows, tolerance_points: float):
+    """The row of the smallest rank whose validation accuracy is within
+    `tolerance_points` of the best validation accuracy of `rows` (the full
+    table included), or `None` when no factorized row is that close."""
+    best = max(row["val_accuracy"] for row in rows)
+    close = [
+        row for row in rows
+        if row["rank"] is not None and row["val_accuracy"] >= best - tolerance_points / 100
+    ]  # fmt: skip
+    return min(close, key=lambda row: row["rank"]) if close else None
 
 
 def format_table(rows) -> str:
+    width = max(len("model"), *(len(r["model"]) for r in rows))
     lines = [
-        f"{'model':<12} {'emb. params':>12} {'total params':>13} {'compression':>11} "
+        f"{'model':<{width}} {'emb. params':>12} {'total params':>13} {'compression':>11} "
         f"{'test acc.':>9} {'.keras size':>11}"
     ]
     for r in rows:
         lines.append(
-            f"{r['model']:<12} {r['embedding_params']:>12,} {r['total_params']:>13,} "
+            f"{r['model']:<{width}} {r['embedding_params']:>12,} {r['total_params']:>13,} "
             f"{r['compression']:>10.1f}x {100 * r['test_accuracy']:>8.2f}% "
             f"{r['model_size_bytes'] / 1e6:>8.2f} MB"
         )
@@ -386,7 +493,7 @@ def export_best(rows_and_models, vectorizer, args):
     from keras_factorized import export
 
     candidates = [
-        (row["val_accuracy"], model) for row, model in rows_and_models if row["kind"] != "baseline"
+        (row["val_accuracy"], model) for row, model in rows_and_models if row["rank"] is not None
     ]
     if not candidates:
         print(
@@ -395,13 +502,42 @@ def export_best(rows_and_models, vectorizer, args):
         return
     model = max(candidates, key=lambda pair: pair[0])[1]
     if args.export_dir:
-        version = export.export_for_serving(
-            model, args.export_dir, text_vectorizer=vectorizer, truncate="pre"
-        )
-        print(f"SavedModel of {model.name} (takes raw text): {version}")
+        # Raw text in, with the word-level vectorizer; token ids with WordPiece.
+        text = {} if vectorizer is None else dict(text_vectorizer=vectorizer, truncate="pre")
+        version = export.export_for_serving(model, args.export_dir, **text)
+        print(f"SavedModel of {model.name}: {version}")
     if args.tflite:
         export.export_tflite(model, args.tflite)
         print(f"TFLite of {model.name}: {args.tflite}")
+
+
+def print_rank_choice(rows, tolerance_points: float):
+    """Prints and returns the rank chosen by validation accuracy (see `select_rank`)."""
+    chosen = select_rank(rows, tolerance_points)
+    best = max(rows, key=lambda row: row["val_accuracy"])
+    if chosen is None:
+        print(
+            f"\nRank by validation: no rank within {tolerance_points:g} points of {best['model']}."
+        )
+        return None
+    choice = {
+        "model": chosen["model"],
+        "rank": chosen["rank"],
+        "tolerance_points": tolerance_points,
+        "val_accuracy": chosen["val_accuracy"],
+        "best_model": best["model"],
+        "best_val_accuracy": best["val_accuracy"],
+        "test_accuracy": chosen["test_accuracy"],
+        "compression": chosen["compression"],
+    }
+    print(
+        f"\nRank by validation: {chosen['model']}, the smallest rank within {tolerance_points:g} "
+        f"points of the best validation accuracy ({best['model']}, "
+        f"{100 * best['val_accuracy']:.2f}%): validation {100 * chosen['val_accuracy']:.2f}%, "
+        f"test {100 * chosen['test_accuracy']:.2f}%, {chosen['compression']:.1f}x fewer "
+        "embedding parameters than the first row."
+    )
+    return choice
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -417,9 +553,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu() else "mixed_bfloat16")
     try:
-        vectorizer, arrays = vectorize(data, args.vocab_size, args.sequence_length)
-        vocab_size = vectorizer.vocabulary_size()
-        trained = list(train_all(arrays, vocab_size, args, args.seed))
+        if args.pretrained:
+            tokenize, matrix, vectorizer = load_pretrained(args.pretrained, data, args.vocab_size)
+            arrays = token_ids(tokenize, data, args.sequence_length)
+            vocab_size = matrix.shape[0]
+            trained = list(train_pretrained(arrays, matrix, args, args.seed))
+        else:
+            vectorizer, arrays = vectorize(data, args.vocab_size, args.sequence_length)
+            vocab_size = vectorizer.vocabulary_size()
+            trained = list(train_all(arrays, vocab_size, args, args.seed))
         if args.export_dir or args.tflite:
             export_best(trained, vectorizer, args)
     finally:
@@ -428,6 +570,7 @@ def run(args: argparse.Namespace) -> dict:
     for row in rows:
         row["compression"] = rows[0]["embedding_params"] / row["embedding_params"]
     print("\n" + format_table(rows))
+    choice = print_rank_choice([r for r in rows if r["kind"] != "svd"], args.rank_tolerance)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "results.json")
     config = dict(
@@ -437,13 +580,13 @@ def run(args: argparse.Namespace) -> dict:
         policy="mixed" if args.mixed_precision else "float32",
         backend=keras.backend.backend(),
     )
-    write_text(path, json.dumps({"config": config, "runs": rows}, indent=2))
+    write_text(path, json.dumps({"config": config, "runs": rows, "rank_choice": choice}, indent=2))
     print(f"\nResults: {path}")
-    split_sizes = tuple(len(split.texts) for split in data)
     return {
         "rows": rows,
+        "rank_choice": choice,
         "source": source,
-        "split_sizes": split_sizes,
+        "split_sizes": tuple(len(split.texts) for split in data),
         "results_json": path,
         "vectorizer": vectorizer,
         "models": {row["model"]: model for row, model in trained},

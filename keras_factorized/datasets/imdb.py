@@ -208,7 +208,7 @@ def _reachable(url: str, timeout: float) -> bool:
 def _try_download(cache_dir, timeout):
     """`(path, None)` after a download, or `(None, reason)` without a traceback."""
     if not _reachable(IMDB_URL, timeout):
-        return None, f"{IMDB_URL} did not answer within {timeout:g} s"
+        return None, f"{IMDB_URL} could not be reached (waited at most {timeout:g} s)"
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)  # A stalled transfer fails instead of hanging.
     try:

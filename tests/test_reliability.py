@@ -470,3 +470,82 @@ def test_export_killed_leaves_no_partial_version_and_next_run_works(tmp_path, po
     assert path == str(base / str(len(versions) + 1))
     assert check_served_versions(base) == list(range(1, len(versions) + 2))
     assert hidden(base) == []
+
+
+# ---------------------------------------------------------------------------
+# SIGKILL during a `.keras` save through the command line, and during dataset
+# extraction
+
+KILLED_COMPRESS_CHILD = """
+import sys, time
+import keras
+source, output, stalled = sys.argv[1:4]
+real_save = keras.Model.save
+
+def save_half_then_stall(self, filepath, *args, **kwargs):
+    real_save(self, filepath, *args, **kwargs)
+    data = open(filepath, "rb").read()
+    open(filepath, "wb").write(data[: len(data) // 2])  # A write in progress.
+    open(stalled, "w").close()
+    time.sleep(600)
+
+keras.Model.save = save_half_then_stall
+from keras_factorized.cli import main
+sys.exit(main(["compress", source, "-o", output, "--rank", "2", "--overwrite", "-q"]))
+"""
+
+
+def plain_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+
+
+def test_cli_killed_while_saving_keeps_the_previous_output(tmp_path):
+    from keras_factorized.cli import main
+
+    source, output, stalled = tmp_path / "model.keras", tmp_path / "small.keras", tmp_path / "s"
+    plain_model().save(source)
+    previous = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    previous.save(output)
+    before = output.read_bytes()
+    child = start_child(tmp_path, "child", KILLED_COMPRESS_CHILD, source, output, stalled)
+    wait_for(stalled, child)
+    sigkill(child)
+    assert output.read_bytes() == before  # The complete old file, not half a new one.
+    assert len(keras.saving.load_model(output).layers) == 1
+    # The next run works and removes the killed writer's temporary file.
+    assert main(["compress", str(source), "-o", str(output), "--rank", "2", "--overwrite",
+                 "-q"]) == 0
+    assert "LowRankDense" in [type(l).__name__ for l in keras.saving.load_model(output).layers]
+    assert hidden(tmp_path) == []
+
+
+KILLED_EXTRACT_CHILD = """
+import sys, tarfile, time
+from keras_factorized.datasets import imdb
+archive, target, stalled = sys.argv[1:4]
+real_extractall = tarfile.TarFile.extractall
+
+def extract_then_stall(self, path=".", *args, **kwargs):
+    real_extractall(self, path, *args, **kwargs)
+    open(stalled, "w").close()
+    time.sleep(600)
+
+tarfile.TarFile.extractall = extract_then_stall
+imdb.extract(archive, target)
+"""
+
+
+def test_extraction_killed_leaves_no_dataset_a_reader_could_take(tmp_path):
+    from keras_factorized.datasets import imdb
+
+    target, stalled = tmp_path / "data", tmp_path / "stalled"
+    child = start_child(tmp_path, "child", KILLED_EXTRACT_CHILD, IMDB_FIXTURE, target, stalled)
+    wait_for(stalled, child)
+    sigkill(child)
+    assert not (target / "aclImdb").exists()
+    with pytest.raises(ValueError):
+        imdb.read_reviews(str(target))  # Nothing there to mistake for the data.
+    folder = imdb.extract(IMDB_FIXTURE, str(target))  # The next run works.
+    reviews = imdb.read_reviews(folder)
+    assert [len(reviews[s].texts) for s in ("train", "test")] == [200, 100]

@@ -147,6 +147,40 @@ def describe_factorizable() -> str:
     return f"{text} layers"
 
 
+def _itemsize(dtype) -> int:
+    """Bytes per element of a variable dtype (`"int8"`: 1, `"bfloat16"`: 2...)."""
+    name = str(getattr(dtype, "name", dtype))
+    try:
+        return np.dtype(name).itemsize
+    except TypeError:  # bfloat16, float8_* without ml_dtypes registered
+        bits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
+        return max(1, int(bits) // 8) if bits else 4
+
+
+def stored_bytes(layer) -> int:
+    """Bytes of the variables a layer or model stores, each at its own dtype.
+
+    Counts every variable once (weights, biases, quantization scales,
+    non-trainable state such as normalization statistics): an int8 kernel
+    counts 1 byte per entry, a float32 one 4, a bfloat16 one 2.
+
+    Example:
+
+    >>> import keras
+    >>> dense = keras.layers.Dense(4)
+    >>> dense.build((None, 8))
+    >>> stored_bytes(dense)  # (8 * 4 + 4) float32 values
+    144
+    """
+    seen, total = set(), 0
+    for variable in layer.weights:
+        if id(variable) in seen:
+            continue
+        seen.add(id(variable))
+        total += int(np.prod(variable.shape)) * _itemsize(variable.dtype)
+    return total
+
+
 def kept_reason(parent, step, layer) -> str | None:
     """Why `factorize` would keep `layer`, in the words of its report, or None.
 
@@ -161,7 +195,7 @@ def kept_reason(parent, step, layer) -> str | None:
     decision = registry.lookup(layer)
     if decision.rule is None and decision.reason is None:
         return None
-    return selection._why_kept(parent, step, decision)
+    return selection.why_kept(parent, step, decision)
 
 
 def _spectrum_row(layer) -> dict[str, Any] | None:
@@ -235,7 +269,7 @@ def _analysed_row(info, energies) -> dict[str, Any]:
 
 
 _ROW_KEYS = (
-    "path", "class_name", "shape", "rank", "max_rank", "params",
+    "path", "class_name", "shape", "rank", "max_rank", "params", "bytes",
     "singular_values", "energy", "levels", "note",
 )
 
@@ -266,7 +300,9 @@ def inspect_model(
         `path`, `class_name`, `shape` (the `(m, n)` matrix), `rank` (stored rank
         of a factorized layer, else `None`), `max_rank` (`min(m, n)`),
         `params` (weights stored for the matrix: `m * n`, or `(m + n) * rank`
-        for a factorized layer), `singular_values` (NumPy array, decreasing),
+        for a factorized layer), `bytes` (of all the layer's variables, bias
+        and quantization scales included, each at its dtype: see
+        `stored_bytes`), `singular_values` (NumPy array, decreasing),
         `energy` (cumulative energy fraction at each rank), `levels`: one
         dict per energy with `energy`, `rank` (the fewest singular values
         keeping it), `params` (`(m + n) * rank`, the cost of factors of that
@@ -295,7 +331,11 @@ def inspect_model(
             info = _spectrum_row(layer)
             row = None if info is None else _analysed_row(info, energies)
         if row is not None:
-            row.update(path=layer.path or layer.name, class_name=type(layer).__name__)
+            row.update(
+                path=layer.path or layer.name,
+                class_name=type(layer).__name__,
+                bytes=stored_bytes(layer),
+            )
             rows.append({key: row[key] for key in _ROW_KEYS})
         if progress is not None:
             progress(done, len(layers), layer.path or layer.name)
@@ -303,23 +343,26 @@ def inspect_model(
 
 
 def summary_levels(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Totals over the analysed `rows` when every layer is cut at each energy level.
+    """Totals over `rows` when every layer is cut at each energy level.
 
-    A layer whose factors at that level would be larger than what it stores is
-    counted as kept as it is (nobody would factorize it). Rows of kept layers
-    (with a `note`) are left out.
+    A layer whose factors at that level would be larger than what it stores,
+    and a layer `factorize` keeps (a row with a `note`), is counted as kept as
+    it is.
 
     Returns:
         One dict per energy level: `energy`, `params` (total after cutting),
         `saving` (fraction of the total matrix parameters saved).
     """
-    rows = [row for row in rows if row["levels"]]
-    if not rows:
+    analysed = [row for row in rows if row["levels"]]
+    if not analysed:
         return []
     total = sum(row["params"] for row in rows)
     out = []
-    for i, level in enumerate(rows[0]["levels"]):
-        kept = sum(min(row["levels"][i]["params"], row["params"]) for row in rows)
+    for i, level in enumerate(analysed[0]["levels"]):
+        kept = sum(
+            min(row["levels"][i]["params"], row["params"]) if row["levels"] else row["params"]
+            for row in rows
+        )
         out.append(
             {
                 "energy": level["energy"],
@@ -342,36 +385,35 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
     Each energy column shows the rank that keeps that energy and, in
     brackets, the parameter saving of factors of that rank against what the
-    layer stores now. Layers `factorize` would keep show why instead; the
-    total counts the analysed layers.
+    layer stores now. Layers `factorize` would keep show why instead, and
+    count as kept whole in the total.
     """
     from keras_factorized import reporting
 
-    analysed = [row for row in rows if row["levels"]]
     if not rows:
         return "No factorizable or factorized layer found."
-    energies = [level["energy"] for level in analysed[0]["levels"]] if analysed else []
-    headers = ["layer", "type", "matrix", "params"] + [
-        f"rank@{e:.0%} (saving)" for e in energies
+    totals = summary_levels(rows)
+    headers = ["layer", "type", "matrix", "params", "bytes"] + [
+        f"rank@{t['energy']:.0%} (saving)" for t in totals
     ]
     body = []
     for row in rows:
-        cells = [row["path"], row["class_name"], _shape_text(row), f"{row['params']:,}"]
+        cells = [row["path"], row["class_name"], _shape_text(row), row["params"], row["bytes"]]
         if row["levels"]:
             cells += [f"{lv['rank']} ({lv['saving']:+.0%})" for lv in row["levels"]]
         else:
-            cells += ["-"] * len(energies)
+            cells += ["-"] * len(totals)
         body.append(cells)
+    left = [0, 1, 2]
     if any(row["note"] for row in rows):
         headers.append("note")
+        left.append(len(headers) - 1)
         for cells, row in zip(body, rows):
             cells.append(row["note"] or "")
-    footer = ["total", "", "", f"{sum(r['params'] for r in analysed):,}"] + [
-        f"{t['params']:,} ({t['saving']:+.0%})" for t in summary_levels(rows)
-    ]
+    footer = ["total", "", "", sum(r["params"] for r in rows), sum(r["bytes"] for r in rows)]
+    footer += [f"{t['params']:,} ({t['saving']:+.0%})" for t in totals]
     footer += [""] * (len(headers) - len(footer))
-    return reporting.format_table(headers, body, footer=footer, left=[0, 1, 2, len(headers) - 1]
-                                  if "note" in headers else [0, 1, 2])
+    return reporting.format_table(headers, body, footer=footer, left=left)
 
 
 def to_jsonable(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

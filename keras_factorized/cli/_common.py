@@ -270,3 +270,59 @@ def factorize(model, **kwargs):
     except (ValueError, TypeError) as e:
         raise UsageError(one_line(e))
     return new_model, getattr(new_model, "factorization_report", None)
+
+
+# --------------------------------------------------------------------------
+# Quantization.
+
+
+def quantization_modes() -> tuple[str, ...]:
+    """The modes of `--quantize`: those the factorized layers implement."""
+    try:
+        from keras_factorized.layers.factor_quantization import SUPPORTED_MODES
+    except ImportError:  # Before the factorized layers could quantize: Keras's int8.
+        return ("int8",)
+    return tuple(SUPPORTED_MODES)
+
+
+def add_quantize_flag(parser, what: str) -> None:
+    modes = quantization_modes()
+    parser.add_argument(
+        "--quantize", choices=modes, default=None, metavar="MODE",
+        help=(
+            f"quantize the weights of {what} with `model.quantize(MODE)` "
+            f"({', '.join(modes)}; weight-only: int8 stores 1 byte per entry "
+            "and a float32 scale per output column); default: no quantization"
+        ),
+    )
+
+
+def quantize(model, mode: str) -> tuple[list[str], list[str]]:
+    """`model.quantize(mode)` in place: `(quantized, left_float)` layer paths.
+
+    Only layers holding a weight matrix (those of the registry's rules and
+    the factorized layers) are listed. Keras's warnings during `quantize` (one
+    per layer without a `quantize` method: inputs, pooling...) are silenced:
+    the lists say what happened to each weight matrix.
+    """
+    from keras_factorized import registry
+    from keras_factorized.surgery.walk import walk_layers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model.quantize(mode)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"cannot quantize the model to {mode}: {one_line(e, 300)}")
+    matrix_classes = tuple(rule.source for rule in registry.rules())
+    quantized, left = [], []
+    for path, layer in walk_layers(model):
+        if registry.is_factorized(layer) or isinstance(layer, matrix_classes):
+            (quantized if layer.quantization_mode == mode else left).append(path)
+    return quantized, left
+
+
+def print_quantized(mode: str, quantized: Sequence[str], left: Sequence[str]) -> None:
+    print(f"Quantized to {mode}: {len(quantized)} layer(s)")
+    if left:
+        print(f"Left in float (no {mode} quantize for them): {', '.join(left)}")

@@ -27,9 +27,14 @@ METHOD_HELP = {
 ALLOCATION_HELP = {
     "greedy": "spends the budget where it removes the most error per parameter",
     "uniform": "gives every layer the same ratio",
+    "sensitivity": (
+        "spends it where it removes the most error at the model's outputs, "
+        "measured on --calibration data"
+    ),
 }
-# Methods that read the model's inputs.
+# Methods and allocations that read the model's inputs.
 CALIBRATED_METHODS = ("whitened", "learned")
+CALIBRATED_ALLOCATIONS = ("sensitivity",)
 
 
 SPLIT_HELP = {
@@ -114,6 +119,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--learning-rate", type=_positive_float, default=distillation.learning_rate,
         metavar="LR", help="with --method learned: peak Adam learning rate of the distillation",
     )
+    _common.add_quantize_flag(p, "the compressed model (after factorization)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the output file if it exists"
     )
@@ -152,6 +158,10 @@ def _calibration(args):
     if args.calibration is None:
         if args.method in CALIBRATED_METHODS:
             raise UsageError(f"--method {args.method} needs --calibration DATA (.npy or .npz)")
+        if args.allocation in CALIBRATED_ALLOCATIONS and args.param_ratio is not None:
+            raise UsageError(
+                f"--allocation {args.allocation} needs --calibration DATA (.npy or .npz)"
+            )
         return None
     data = _common.load_array_file(args.calibration, "calibration file")
     if isinstance(data, dict):
@@ -165,6 +175,15 @@ def _calibration(args):
             "array named `x` (or a single array)"
         )
     return data
+
+
+def _print_sizes(model, new_model) -> None:
+    from keras_factorized.spectrum import stored_bytes
+
+    before, after = model.count_params(), new_model.count_params()
+    print(f"Model parameters: {before:,} -> {after:,} ({after / max(before, 1):.1%})")
+    before, after = stored_bytes(model), stored_bytes(new_model)
+    print(f"Model bytes: {before:,} -> {after:,} ({after / max(before, 1):.1%})")
 
 
 def run(args) -> int:
@@ -193,12 +212,14 @@ def run(args) -> int:
     )
     if report is not None:
         print(report)
+    if args.quantize:
+        _common.print_quantized(args.quantize, *_common.quantize(new_model, args.quantize))
     if getattr(model, "compiled", False) and model.get_compile_config():
-        # A fresh optimizer: the copied one holds slots for the old variables
-        # (saved, it would not load into the factorized model).
+        # A fresh optimizer, built for the new (factorized, quantized)
+        # variables: the copied one holds slots for the old ones (saved, it
+        # would not load into the new model).
         new_model.compile_from_config(model.get_compile_config())
-    before, after = model.count_params(), new_model.count_params()
-    print(f"Model parameters: {before:,} -> {after:,} ({after / max(before, 1):.1%})")
+    _print_sizes(model, new_model)
     try:
         with atomic_output(args.output, overwrite=args.overwrite) as tmp:
             new_model.save(tmp)

@@ -27,16 +27,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=_common.wrap(
             "Prints one row per layer that `compress` could factorize "
             f"({spectrum.describe_factorizable()}) and per already-factorized "
-            "layer: its matrix shape, the parameters it stores, and the ranks "
-            "that keep "
+            "layer: its matrix shape, the parameters of that matrix, the bytes "
+            "the layer stores (all its variables, each at its dtype: an int8 "
+            "entry is 1 byte, a float32 one 4), and the ranks that keep "
             f"{percents} of the spectral energy (sum of squared singular "
             "values), each with the parameter saving of factors of that rank "
             "against what the layer stores now (negative: the factors would be "
             "bigger). Layers that `compress` would skip are listed with its "
             "reason. EinsumDense kernels are matricized as input axes x output "
             "axes; factorized layers are analysed through the product of their "
-            "factors. The total line counts layers where factors do not pay as "
-            "kept whole."
+            "factors. The total line counts layers where factors do not pay, and "
+            "layers `compress` keeps, as kept whole."
         ),
         epilog=f"Example:\n  {PROG} inspect model.keras --plot spectra.png --json spectra.json",
     )
@@ -70,7 +71,10 @@ def run(args) -> int:
         energies=args.energy_levels,
         progress=lambda done, total, path: bar.update(done),
     )
-    print(f"Model: {args.model} ({model.count_params():,} parameters)")
+    print(
+        f"Model: {args.model} ({model.count_params():,} parameters, "
+        f"{spectrum.stored_bytes(model):,} bytes)"
+    )
     print(spectrum.format_table(rows))
     if args.json:
         reporting.write_json(args.json, spectrum.to_jsonable(rows))

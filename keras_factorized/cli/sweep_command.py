@@ -75,6 +75,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--loss", default="auto",
         help="a Keras loss name, or auto (the model's compiled loss, else guessed)",
     )
+    _common.add_quantize_flag(
+        p, "each model after its fine-tuning, and report its bytes and metric in "
+        "extra columns"
+    )
     p.add_argument("--plot", metavar="PNG", default=None, help="write metric vs parameters to this PNG")
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.add_argument("--csv", metavar="FILE", default=None, help="write the results as CSV")
@@ -193,23 +197,24 @@ def metric_name(results: dict[str, Any]) -> str:
     return names[0] if names else "loss"
 
 
-_ROW_KEYS = ("rank", "params", "param_fraction", "loss")
+_ROW_KEYS = ("rank", "params", "param_fraction", "bytes", "loss")
 
 
 def _row_metric(row: dict[str, Any]) -> str:
-    """The metric of a sweep row (the column that is neither bookkeeping nor fine-tuned)."""
-    return metric_name(
-        {k: v for k, v in row.items() if k not in _ROW_KEYS and not k.startswith("fine_tuned")}
-    )
+    """The metric of a sweep row (the first column that is not bookkeeping)."""
+    return next(k for k in row if k not in _ROW_KEYS)
 
 
 def _row(rank, model, base_params, results, tuned=None) -> dict[str, Any]:
+    from keras_factorized.spectrum import stored_bytes
+
     params = model.count_params()
     metric = metric_name(results)
     row = {
         "rank": rank,
         "params": params,
         "param_fraction": round(params / base_params, 4) if base_params else None,
+        "bytes": stored_bytes(model),
         "loss": round(results["loss"], 4),
         metric: round(results[metric], 4),
     }
@@ -217,6 +222,22 @@ def _row(rank, model, base_params, results, tuned=None) -> dict[str, Any]:
         row[f"fine_tuned_{metric}"] = round(tuned[metric], 4)
         row["fine_tuned_loss"] = round(tuned["loss"], 4)
     return row
+
+
+def _quantized_columns(model, data, args) -> dict[str, Any]:
+    """With --quantize: quantizes `model` (in place) and measures it again."""
+    if not args.quantize:
+        return {}
+    from keras_factorized.spectrum import stored_bytes
+
+    _, _, x_val, y_val = data
+    _common.quantize(model, args.quantize)
+    results = _evaluate(model, x_val, y_val, args)
+    metric = metric_name(results)
+    return {
+        f"{args.quantize}_bytes": stored_bytes(model),
+        f"{args.quantize}_{metric}": round(results[metric], 4),
+    }
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str, title: str | None = None) -> str:
@@ -265,22 +286,24 @@ def _check_outputs(args) -> None:
 
 
 def _baseline_row(model, data, args) -> dict[str, Any]:
-    """The original model's row; with fine-tuning, a copy gets the same training."""
+    """The original model's row; a copy gets the same fine-tuning and quantization."""
     x, y, x_val, y_val = data
     base_params = model.count_params()
     _compile(model, model, args.loss)
     print(f"Evaluating the original model ({base_params:,} parameters) on {len(x_val):,} samples")
     base = _evaluate(model, x_val, y_val, args)
-    tuned = None
+    tuned, final = None, None
+    if args.fine_tune_epochs or args.quantize:
+        # The same extra training (and quantization) for the original, or the
+        # comparison flatters the compressed models.
+        final = _common.load_model(args.model)
+        _compile(final, model, args.loss)
     if args.fine_tune_epochs:
-        # The same extra training for the original, or the comparison flatters
-        # the compressed models.
         print(f"Fine-tuning the original model for {args.fine_tune_epochs} epoch(s)")
-        original = _common.load_model(args.model)
-        _compile(original, model, args.loss)
-        _fine_tune(original, x, y, args)
-        tuned = _evaluate(original, x_val, y_val, args)
-    return _row("full", model, base_params, base, tuned)
+        _fine_tune(final, x, y, args)
+        tuned = _evaluate(final, x_val, y_val, args)
+    row = _row("full", model, base_params, base, tuned)
+    return {**row, **_quantized_columns(final, data, args)} if final else row
 
 
 def _rank_row(model, rank, data, args) -> dict[str, Any]:
@@ -294,7 +317,8 @@ def _rank_row(model, rank, data, args) -> dict[str, Any]:
     if args.fine_tune_epochs:
         _fine_tune(small, x, y, args)
         tuned = _evaluate(small, x_val, y_val, args)
-    return _row(rank, small, model.count_params(), results, tuned)
+    row = _row(rank, small, model.count_params(), results, tuned)
+    return {**row, **_quantized_columns(small, data, args)}
 
 
 def run(args) -> int:

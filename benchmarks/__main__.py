@@ -11,6 +11,11 @@ Runs, in this order (choose with `--only`):
              training step, inference, merged inference.
   size       .keras and SavedModel bytes against parameter counts.
 
+Only when named with `--only` (about 30 minutes, each run in its own process):
+
+  vocab      FactorizedEmbedding against Embedding at 100k-10M rows, both
+             backends, Adam and SGD: training step, peak memory, a memory table.
+
 Each benchmark rewrites its own section of BENCHMARKS.md (or of the file named
 by $KERAS_FACTORIZED_BENCHMARKS_MD). The whole suite takes about 10 minutes on
 2 cores; `--quick` about 5. Speed figures are ratios against a baseline timed
@@ -38,6 +43,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BENCHMARKS = ("svd", "dense", "embedding", "size")
+# Run only when named with `--only` (long; not part of the summary).
+OPTIONAL_BENCHMARKS = ("vocab",)
 
 
 def _parse(argv):
@@ -48,7 +55,8 @@ def _parse(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--only", default=",".join(BENCHMARKS),
-                        help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+                        help=f"comma-separated subset of "
+                             f"{','.join(BENCHMARKS + OPTIONAL_BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and fewer repeats (about 5 minutes)")
     parser.add_argument("--tiny", action="store_true",
@@ -63,11 +71,11 @@ def _parse(argv):
                         help="also write each benchmark's raw results as JSON here")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in only if name not in BENCHMARKS]
+    unknown = [name for name in only if name not in BENCHMARKS + OPTIONAL_BENCHMARKS]
     if unknown or not only:
         parser.error(
             f"Received an invalid value for `--only`, expected names among "
-            f"{','.join(BENCHMARKS)}. Received: --only={args.only}"
+            f"{','.join(BENCHMARKS + OPTIONAL_BENCHMARKS)}. Received: --only={args.only}"
         )
     args.only = only
     return args
@@ -143,6 +151,11 @@ def run(argv=None) -> dict:
             from benchmarks import size_benchmark
 
             results[name] = size_benchmark.run(small=args.tiny, **common)
+        elif name == "vocab":
+            from benchmarks import vocab_benchmark
+
+            results[name] = vocab_benchmark.run(quick=args.quick, tiny=args.tiny,
+                                                isolate=not args.tiny, **common)
         if not write:
             print(results[name]["markdown"])
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)

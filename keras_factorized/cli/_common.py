@@ -285,14 +285,15 @@ def quantization_modes() -> tuple[str, ...]:
     return tuple(SUPPORTED_MODES)
 
 
-def add_quantize_flag(parser, what: str) -> None:
+def add_quantize_flag(parser, what: str, then: str = "") -> None:
+    """`--quantize MODE`: `model.quantize(MODE)` on `what`, then `then`."""
     modes = quantization_modes()
     parser.add_argument(
         "--quantize", choices=modes, default=None, metavar="MODE",
         help=(
-            f"quantize the weights of {what} with `model.quantize(MODE)` "
-            f"({', '.join(modes)}; weight-only: int8 stores 1 byte per entry "
-            "and a float32 scale per output column); default: no quantization"
+            f"quantize the weights of {what} with `model.quantize(MODE)`, MODE one "
+            f"of {', '.join(modes)} (weight-only int8: 1 byte per weight plus "
+            f"float32 scales){then}"
         ),
     )
 

@@ -92,8 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration", metavar="DATA", default=None,
         help=(
-            f"model inputs for --method {'/'.join(CALIBRATED_METHODS)}: a .npy array "
-            "or an .npz with an array `x`"
+            f"model inputs for --method {'/'.join(CALIBRATED_METHODS)} and --allocation "
+            f"{'/'.join(CALIBRATED_ALLOCATIONS)}: a .npy array or an .npz with an array `x`"
         ),
     )
     _common.add_layer_filters(p)

@@ -76,8 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="a Keras loss name, or auto (the model's compiled loss, else guessed)",
     )
     _common.add_quantize_flag(
-        p, "each model after its fine-tuning, and report its bytes and metric in "
-        "extra columns"
+        p, "each model (after its fine-tuning)",
+        then="; its bytes and metric go to extra columns MODE_bytes, MODE_METRIC",
     )
     p.add_argument("--plot", metavar="PNG", default=None, help="write metric vs parameters to this PNG")
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")

@@ -489,13 +489,6 @@ def test_compress_learned_with_calibration(capsys, workdir, tmp_path):
     assert small.get_layer("hidden").rank == 2
 
 
-def _factorized_layers_quantize():
-    from keras_factorized import LowRankDense
-
-    base = getattr(keras.layers.Layer, "quantized_build", None)
-    return getattr(LowRankDense, "quantized_build", None) is not base
-
-
 def _variables(layer):
     return {v.path.split("/")[-1]: (v.dtype, tuple(v.shape)) for v in layer.weights}
 
@@ -527,9 +520,6 @@ def test_compress_quantize_int8_plain_dense(capsys, workdir, tmp_path):
 
 
 @needs_surgery
-@pytest.mark.skipif(
-    not _factorized_layers_quantize(), reason="the factorized layers do not quantize yet"
-)
 def test_compress_quantize_int8_factorized_layers(capsys, workdir, tmp_path):
     out, out_q = tmp_path / "small.keras", tmp_path / "small_int8.keras"
     common = ["compress", workdir / "pooled.keras", "--rank", "4", "-q"]

@@ -278,10 +278,8 @@ def factorize(model, **kwargs):
 
 def quantization_modes() -> tuple[str, ...]:
     """The modes of `--quantize`: those the factorized layers implement."""
-    try:
-        from keras_factorized.layers.factor_quantization import SUPPORTED_MODES
-    except ImportError:  # Before the factorized layers could quantize: Keras's int8.
-        return ("int8",)
+    from keras_factorized.layers.factor_quantization import SUPPORTED_MODES
+
     return tuple(SUPPORTED_MODES)
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -32,8 +33,7 @@ from keras_factorized.decomposition import split_singular_values
 
 def _invalid(name, expected, value):
     return ValueError(
-        f"Received an invalid value for `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
+        f"Received an invalid value for `{name}`, expected {expected}. Received: {name}={value!r}"
     )
 
 
@@ -62,8 +62,11 @@ class ActivationStatistics:
         """Adds the rows of `x` (any array whose last axis has `dim` features)."""
         x = np.asarray(x)
         if x.shape[-1] != self.dim:
-            raise _invalid("x", f"an array whose last axis has {self.dim} features",
-                           f"an array of shape {x.shape}")
+            raise _invalid(
+                "x",
+                f"an array whose last axis has {self.dim} features",
+                f"an array of shape {x.shape}",
+            )
         rows = x.reshape(-1, self.dim)
         if rows.dtype != np.float64:
             rows = rows.astype(np.float32)
@@ -111,7 +114,7 @@ class WhitenedSVD(NamedTuple):
         """`||X (W - A B)|| / ||X W||` at `rank` (with the damped statistics)."""
         sq = np.square(self.s.astype(np.float64))
         total = float(sq.sum())
-        return math.sqrt(float(sq[int(rank):].sum()) / total) if total > 0 else 0.0
+        return math.sqrt(float(sq[int(rank) :].sum()) / total) if total > 0 else 0.0
 
 
 def whitening_factor(scatter: np.ndarray, damping: float = 0.01) -> np.ndarray:
@@ -180,23 +183,99 @@ def whitened_svd(
         raise _invalid("kernel", "a 2-D matrix", f"an array of shape {w.shape}")
     if isinstance(statistics, ActivationStatistics):
         if statistics.count == 0:
-            raise _invalid("statistics", "statistics of at least one input row",
-                           "empty statistics")
+            raise _invalid("statistics", "statistics of at least one input row", "empty statistics")
         scatter = statistics.scatter(center=center)
     else:
         scatter = np.asarray(statistics, dtype=np.float64)
     if scatter.shape != (w.shape[0], w.shape[0]):
-        raise _invalid("statistics", f"a ({w.shape[0]}, {w.shape[0]}) second moment",
-                       f"shape {scatter.shape}")
+        raise _invalid(
+            "statistics", f"a ({w.shape[0]}, {w.shape[0]}) second moment", f"shape {scatter.shape}"
+        )
     root = whitening_factor(scatter, damping)
-    u, s, vt = scipy.linalg.svd(root.T @ w, full_matrices=False, check_finite=False,
-                                lapack_driver="gesvd")
+    u, s, vt = scipy.linalg.svd(
+        root.T @ w, full_matrices=False, check_finite=False, lapack_driver="gesvd"
+    )
     # left = L^-T U, by a triangular (or general) solve rather than an inverse.
     if np.allclose(root, np.tril(root)):
         left = scipy.linalg.solve_triangular(root.T, u, lower=False, check_finite=False)
     else:
         left = np.linalg.solve(root.T, u)
     return WhitenedSVD(left, s, vt)
+
+
+def _solve_root(root, rhs, transpose=False):
+    """`L^-1 rhs` (or `L^-T rhs`), by a triangular solve when `L` is lower triangular."""
+    matrix = root.T if transpose else root
+    if np.allclose(root, np.tril(root)):
+        return scipy.linalg.solve_triangular(matrix, rhs, lower=not transpose, check_finite=False)
+    return np.linalg.solve(matrix, rhs)
+
+
+def fitted_factors(
+    kernel,
+    input_gram,
+    cross,
+    rank: int,
+    *,
+    damping: float = 0.01,
+    split: str = "balanced",
+):
+    """Rank-`rank` factors fitted to the inputs a compressed model really feeds.
+
+    The layer saw inputs `X` in the original model, where it computed `X W`;
+    in the compressed model (earlier layers already factorized) it sees `X'`.
+    This finds the rank-`k` product `A B` minimising `||X' A B - X W||_F`,
+    in closed form: with `X'^T X' = L L^T`, the best product is
+    `L^-T [L^-1 X'^T X W]_k` (`[.]_k` the truncated SVD); the damping adds
+    `reg ||A B - W||^2` to the objective, as in `whitened_svd`. Later layers thus
+    correct the errors of earlier ones (the sequential update of SVD-LLM and
+    Dobi-SVD). With `X' = X` it is `whitened_svd`'s optimum.
+
+    Args:
+        kernel: the original `(m, n)` weight `W`.
+        input_gram: `X'^T X'`, `(m, m)`.
+        cross: `X'^T X`, `(m, m)`.
+        rank: the rank `k`.
+        damping: `reg` as a fraction of the mean of the diagonal of `X'^T X'`.
+        split: how the singular values are shared between `A` and `B`.
+
+    Returns:
+        `(A, B)`, `(m, k)` and `(k, n)`.
+
+    Example:
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(400, 12))
+    >>> x_student = x + 0.3 * rng.normal(size=x.shape)   # what the layer now sees
+    >>> w = rng.normal(size=(12, 6))
+    >>> a, b = fitted_factors(w, x_student.T @ x_student, x_student.T @ x, 3, damping=0)
+    >>> a0, b0 = whitened_svd(w, x.T @ x, damping=0).factors(3)
+    >>> fitted = np.linalg.norm(x_student @ a @ b - x @ w)
+    >>> bool(fitted < np.linalg.norm(x_student @ a0 @ b0 - x @ w))
+    True
+    """
+    w = np.asarray(kernel, dtype=np.float64)
+    if w.ndim != 2:
+        raise _invalid("kernel", "a 2-D matrix", f"an array of shape {w.shape}")
+    m = w.shape[0]
+    for name, value in (("input_gram", input_gram), ("cross", cross)):
+        if np.shape(value) != (m, m):
+            raise _invalid(name, f"a ({m}, {m}) matrix", f"shape {np.shape(value)}")
+    k = int(rank)
+    if not 1 <= k <= min(w.shape):
+        raise _invalid("rank", f"an integer in [1, {min(w.shape)}]", rank)
+    gram = np.asarray(input_gram, np.float64)
+    root = whitening_factor(gram, damping)
+    # The damping pulls the product towards `W` (not towards 0, as a ridge
+    # would): `+ reg ||A B - W||^2`, the same regularisation as `whitened_svd`.
+    diag_mean = float(np.mean(np.diag(gram)))
+    reg = damping * diag_mean if diag_mean > 0 else 1.0
+    target = _solve_root(root, (np.asarray(cross, np.float64) + reg * np.eye(m)) @ w)
+    u, s, vt = scipy.linalg.svd(
+        target, full_matrices=False, check_finite=False, lapack_driver="gesvd"
+    )
+    left = _solve_root(root, u[:, :k], transpose=True)
+    return split_singular_values(left, s[:k], vt[:k], split)
 
 
 def corrected_bias(statistics: ActivationStatistics, kernel, approx_kernel, bias=None):

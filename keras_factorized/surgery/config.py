@@ -34,6 +34,9 @@ class WhitenedConfig:
             centred inputs and move the mean output error into the bias
             (`b' = b + mean(X) (W - A B)`). Off by default: on MiniLM it lowered
             the layer errors but made the end-to-end embeddings worse.
+        sequential: after the whitened factors, refit each layer's factors,
+            block by block in model order, to the inputs the compressed
+            model really feeds it (closed form; see `surgery.sequential`).
 
     Example:
 
@@ -43,6 +46,7 @@ class WhitenedConfig:
 
     damping: float = 0.01
     bias_correction: bool = False
+    sequential: bool = False
 
     def __post_init__(self):
         if (
@@ -51,8 +55,9 @@ class WhitenedConfig:
             or self.damping < 0
         ):
             raise invalid_value("damping", "a number >= 0", self.damping)
-        if not isinstance(self.bias_correction, bool):
-            raise invalid_type("bias_correction", "a boolean", self.bias_correction)
+        for name in ("bias_correction", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid_type(name, "a boolean", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)

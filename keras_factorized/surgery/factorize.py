@@ -60,6 +60,8 @@ from keras_factorized.surgery import replace
 from keras_factorized.surgery import report as report_lib
 from keras_factorized.surgery import saving
 from keras_factorized.surgery import selection
+from keras_factorized.surgery import sensitivity
+from keras_factorized.surgery import sequential
 from keras_factorized.surgery import walk
 from keras_factorized.validation import check_choice
 from keras_factorized.validation import check_fraction
@@ -146,12 +148,22 @@ def factorize(
         calibration.collect_statistics(model, targets, calibration_data, batch_size)
     for t in targets:
         t.spectrum = decompose.spectrum(t, method, whitening)
-    ranks.choose_ranks(targets, rank, energy, param_ratio, allocation)
+    gains = None
+    if param_ratio is not None and allocation == "sensitivity":
+        gains = sensitivity.output_gains(
+            model, targets, calibration_data, batch_size, param_ratio, split, whitening
+        )
+    ranks.choose_ranks(targets, rank, energy, param_ratio, allocation, gains)
     replacements, rows = _build_replacements(targets, split, whitening)
     rows += [report_lib.kept_layer_row(layer, why) for layer, why in skipped]
     new_model, plan = replace.apply_replacements(copy, replacements)
     saving.attach_plan(new_model, plan)
     report = report_lib.FactorizationReport(method=method, layers=rows)
+    if whitening.sequential and method != "svd" and calibration_data is not None:
+        sequential.sequential_update(
+            model, new_model, targets, calibration_data, batch_size, whitening.damping, split
+        )
+        _refresh_rows(new_model, targets, report, "whitened, sequential")
     if method == "learned":
         data = calibration_data if distillation.data is None else distillation.data
         _learn(new_model, model, targets, report, distillation, data, verbose)
@@ -185,6 +197,8 @@ def _check_arguments(
         check_fraction("param_ratio", param_ratio)
     check_choice("method", method, METHODS)
     check_choice("allocation", allocation, ranks.ALLOCATIONS)
+    if allocation == "sensitivity" and calibration_data is None:
+        raise invalid_value("calibration_data", "model inputs for allocation='sensitivity'", None)
     if method == "whitened" and calibration_data is None:
         raise invalid_value("calibration_data", "model inputs for method='whitened'", None)
     if method == "learned" and calibration_data is None and distillation.data is None:
@@ -204,10 +218,16 @@ def _learn(new_model, model, targets, report, distillation, data, verbose):
         f"distillation loss ({distillation.loss} to the original outputs) per epoch: "
         + ", ".join(f"{h:.4g}" for h in history)
     )
+    _refresh_rows(new_model, targets, report, "learned")
+
+
+def _refresh_rows(new_model, targets, report, note):
+    """Weight and output errors of the factors `new_model` now holds."""
     rows = {r.path: r for r in report.layers}
-    for t, layer in zip(factorized, layers):
-        if t.stats is None:
+    for t in targets:
+        if t.rank is None or t.stats is None:
             continue
+        layer = walk.navigate(new_model, t.path)
         row = rows[t.layer.path]
         a, b = layer.factors()
         kernel = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
@@ -215,4 +235,4 @@ def _learn(new_model, model, targets, report, distillation, data, verbose):
         norm = np.linalg.norm(t.matrix)
         row.weight_error = float(np.linalg.norm(t.matrix - kernel) / norm) if norm else 0.0
         row.output_error = data_aware.relative_output_error(t.stats, t.matrix, kernel, t.bias, bias)
-        row.note = "learned"
+        row.note = note

@@ -2,7 +2,9 @@
 
 With `param_ratio`, `allocation="greedy"` spends one parameter budget over all
 targets where it removes the most relative squared error per parameter (from
-each target's singular values); `"uniform"` gives every target the same ratio.
+each target's singular values); `"uniform"` gives every target the same ratio;
+`"sensitivity"` spends it where it removes the most error at the model's
+outputs, measured on calibration data (`sensitivity.output_gains`).
 Targets whose factors would not save parameters keep `rank=None` and a note.
 """
 
@@ -15,11 +17,17 @@ import numpy as np
 from keras_factorized import data_aware
 from keras_factorized.decomposition import rank_for_energy
 
-ALLOCATIONS = ("greedy", "uniform")
+ALLOCATIONS = ("greedy", "uniform", "sensitivity")
 
 
-def choose_ranks(targets, rank=None, energy=None, param_ratio=None, allocation="greedy"):
-    """Sets `target.rank` (or `target.note` when it is kept) for every target."""
+def choose_ranks(
+    targets, rank=None, energy=None, param_ratio=None, allocation="greedy", gains=None
+):
+    """Sets `target.rank` (or `target.note` when it is kept) for every target.
+
+    `gains` (with `allocation="sensitivity"`): per target, the output error
+    per unit of its own output error (`sensitivity.output_gains`).
+    """
     usable = []
     for t in targets:
         if t.max_useful_rank < 1:
@@ -45,15 +53,23 @@ def choose_ranks(targets, rank=None, energy=None, param_ratio=None, allocation="
                 t.rank = k
     elif usable and allocation == "uniform":
         uniform_ranks(usable, param_ratio)
+    elif usable and allocation == "sensitivity":
+        weights = {id(t): g for t, g in zip(targets, gains)}
+        greedy_ranks(usable, param_ratio, [weights[id(t)] for t in usable])
     elif usable:
         greedy_ranks(usable, param_ratio)
+
+
+def uniform_rank(target, param_ratio) -> int:
+    """The rank giving `target` the parameter ratio `param_ratio`."""
+    m, n = target.shape
+    return max(1, min(target.max_useful_rank, int(math.floor(param_ratio * m * n / (m + n)))))
 
 
 def uniform_ranks(targets, param_ratio):
     """The same parameter ratio for every target."""
     for t in targets:
-        m, n = t.shape
-        t.rank = max(1, min(t.max_useful_rank, int(math.floor(param_ratio * m * n / (m + n)))))
+        t.rank = uniform_rank(t, param_ratio)
 
 
 def budget(targets, param_ratio) -> float:
@@ -63,14 +79,20 @@ def budget(targets, param_ratio) -> float:
     return param_ratio * sum(t.shape[0] * t.shape[1] for t in targets) - (1 - param_ratio) * biases
 
 
-def greedy_ranks(targets, param_ratio):
-    """One budget spent where it removes the most relative squared error."""
+def greedy_ranks(targets, param_ratio, weights=None):
+    """One budget spent where it removes the most error per parameter.
+
+    Without `weights`, each layer's relative squared error (so that layers of
+    different scales compete on equal terms); with them, `weights[i]` times
+    its squared singular values (an estimate of the error at the outputs).
+    """
     gains = []
-    for t in targets:
+    for i, t in enumerate(targets):
         sq = np.square(np.asarray(t.spectrum.s, np.float64))
+        if weights is not None:
+            gains.append(weights[i] * sq)
+            continue
         total = float(getattr(t.spectrum, "frobenius_norm_sq", 0.0) or sq.sum())
-        # Relative squared error, so that layers of different scales compete
-        # on equal terms.
         gains.append(sq / total if total > 0 else sq)
     ranks = data_aware.allocate_ranks(
         gains,

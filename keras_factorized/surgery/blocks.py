@@ -1,0 +1,105 @@
+"""Running a model block by block: the inputs each block receives, and replays.
+
+Sequential closed-form updates and block-wise distillation work on one block
+at a time (a Transformer block; a top-level layer of a plain model): they need
+the inputs the block received in the original model and in the compressed
+one, and to run the block again on them. `capture_calls` records the inputs
+(and outputs) of chosen layers while a model runs, always restoring their
+`call`; `run_block` replays a block on recorded inputs.
+
+A block is the top-level layer (a direct child of the model) that holds a
+target; `block_path` gives its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+
+from keras_factorized.surgery.calibration import to_numpy
+
+
+def block_path(target_path) -> tuple:
+    """The path of the block holding the layer at `target_path` (its first step)."""
+    return tuple(target_path[:1])
+
+
+def _to_numpy_tree(value):
+    def convert(x):
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        try:
+            return to_numpy(x)
+        except (TypeError, ValueError):
+            return x
+
+    return keras.tree.map_structure(convert, value)
+
+
+@contextlib.contextmanager
+def capture_calls(layers, keep_outputs=False):
+    """Within the block, every call of `layers` is recorded.
+
+    Yields:
+        A dict `id(layer) -> list` of `(inputs, args, kwargs, output)` per
+        call, NumPy arrays (`output` is `None` unless `keep_outputs`).
+    """
+    records = {id(layer): [] for layer in layers}
+    patched = []
+    try:
+        for layer in layers:
+            original_call, layer_records = layer.call, records[id(layer)]
+
+            def call(inputs, *args, _call=original_call, _records=layer_records, **kwargs):
+                output = _call(inputs, *args, **kwargs)
+                _records.append(
+                    (
+                        to_numpy(inputs),
+                        _to_numpy_tree(args),
+                        _to_numpy_tree(kwargs),
+                        to_numpy(output) if keep_outputs else None,
+                    )
+                )
+                return output
+
+            layer.call = call
+            patched.append(layer)
+        yield records
+    finally:
+        for layer in patched:
+            del layer.call
+
+
+def run_block(block, record, inputs=None):
+    """Runs `block` on a recorded call (with other `inputs` in place of its own)."""
+    recorded_inputs, args, kwargs, _ = record
+    kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+    x = recorded_inputs if inputs is None else inputs
+    return block(x, *args, training=False, **kwargs)
+
+
+def block_calls(model, blocks, data_batches, keep_outputs=False):
+    """Per block, the recorded calls when `model` runs on `data_batches`
+    (one per batch: a block called several times per batch is not supported)."""
+    with capture_calls(blocks, keep_outputs) as records:
+        for batch in data_batches:
+            model(batch, training=False)
+    calls = [records[id(block)] for block in blocks]
+    for block, recorded in zip(blocks, calls):
+        if len(recorded) != len(data_batches):
+            raise ValueError(
+                f"Received an invalid value for `model`, expected each block to run "
+                f"once per batch. Received: block {block.name!r} ran {len(recorded)} "
+                f"times for {len(data_batches)} batches"
+            )
+    return calls
+
+
+def chained(calls_before, calls_after) -> bool:
+    """Whether each recorded input of a block is the previous block's output."""
+    return all(
+        before[3] is not None and np.array_equal(before[3], after[0])
+        for before, after in zip(calls_before, calls_after)
+    )

@@ -74,8 +74,9 @@ def test_statistics_match_the_direct_moments(seed, m, batches):
     np.testing.assert_allclose(stats.sum, x.sum(axis=0), rtol=1e-5, atol=1e-5)
     assert stats.count == x.shape[0]
     centred = x - x.mean(axis=0)
-    np.testing.assert_allclose(stats.scatter(center=True), centred.T @ centred,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        stats.scatter(center=True), centred.T @ centred, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_statistics_reject_a_wrong_feature_count():
@@ -108,8 +109,12 @@ def test_whitened_svd_reaches_the_output_optimum(seed, m, n, data):
     np.testing.assert_allclose(x @ a @ b, y_k, atol=1e-6 * scale)
     np.testing.assert_allclose(a @ b, w_k, atol=1e-6 * np.linalg.norm(w_k) + 1e-9)
     # `s` are the singular values of the outputs, and `relative_error` is exact.
-    np.testing.assert_allclose(result.s, np.linalg.svd(x @ w, compute_uv=False)[:len(
-        result.s)], rtol=1e-6, atol=1e-9 * scale)
+    np.testing.assert_allclose(
+        result.s,
+        np.linalg.svd(x @ w, compute_uv=False)[: len(result.s)],
+        rtol=1e-6,
+        atol=1e-9 * scale,
+    )
     np.testing.assert_allclose(result.relative_error(k), error / scale, atol=1e-7)
 
 
@@ -161,8 +166,9 @@ def test_whitened_svd_accepts_a_second_moment_matrix(seed, m, n, data):
     x, w = _problem(seed, m, n)
     from_stats = whitened_svd(w, _stats(x), damping=0.01).factors(k)
     from_gram = whitened_svd(w, x.T @ x, damping=0.01).factors(k)
-    np.testing.assert_allclose(from_stats[0] @ from_stats[1],
-                               from_gram[0] @ from_gram[1], atol=1e-6)
+    np.testing.assert_allclose(
+        from_stats[0] @ from_stats[1], from_gram[0] @ from_gram[1], atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -176,8 +182,7 @@ def test_whitening_factor_is_a_root_of_the_damped_scatter(seed, m, damping):
     scatter = x.T @ x
     root = whitening_factor(scatter, damping)
     damped = scatter + damping * np.mean(np.diag(scatter)) * np.eye(m)
-    np.testing.assert_allclose(root @ root.T, damped, rtol=1e-9,
-                               atol=1e-9 * np.abs(damped).max())
+    np.testing.assert_allclose(root @ root.T, damped, rtol=1e-9, atol=1e-9 * np.abs(damped).max())
 
 
 def test_damping_makes_a_singular_scatter_invertible():
@@ -264,8 +269,7 @@ def test_relative_output_error_equals_the_direct_error(seed, m, n, with_bias):
     b2 = rng.normal(size=n) if with_bias else None
     got = relative_output_error(_stats(x), w, w2, b, b2)
     zeros = np.zeros(n)
-    expected = _direct_error(x, w, w2, zeros if b is None else b,
-                             zeros if b2 is None else b2)
+    expected = _direct_error(x, w, w2, zeros if b is None else b, zeros if b2 is None else b2)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
 
 
@@ -289,8 +293,9 @@ def test_corrected_bias_is_the_least_squares_bias(seed, m, n, with_bias):
     expected = np.mean(x @ w + b - x @ w2, axis=0)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
     best = _direct_error(x, w, w2, b, got)
-    np.testing.assert_allclose(relative_output_error(stats, w, w2, b, got), best,
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        relative_output_error(stats, w, w2, b, got), best, rtol=1e-6, atol=1e-9
+    )
     assert best <= _direct_error(x, w, w2, b, b) + 1e-12
     for _ in range(10):
         other = got + rng.normal(size=n)
@@ -315,12 +320,10 @@ def test_centred_whitening_plus_bias_correction_is_the_affine_optimum(seed, m, n
     centred = (x - x.mean(axis=0)) @ w
     s = np.linalg.svd(centred, compute_uv=False)
     optimum = math.sqrt(float(np.sum(s[k:] ** 2)))
-    np.testing.assert_allclose(error, optimum, rtol=1e-5,
-                               atol=1e-7 * np.linalg.norm(centred))
+    np.testing.assert_allclose(error, optimum, rtol=1e-5, atol=1e-7 * np.linalg.norm(centred))
     # Not centring (and correcting the bias afterwards) can only be worse.
     a0, b0 = whitened_svd(w, stats, damping=0.0).factors(k)
-    uncentred = np.linalg.norm(
-        x @ (a0 @ b0) + corrected_bias(stats, w, a0 @ b0, b) - (x @ w + b))
+    uncentred = np.linalg.norm(x @ (a0 @ b0) + corrected_bias(stats, w, a0 @ b0, b) - (x @ w + b))
     assert uncentred >= error * (1 - 1e-9) - 1e-12
 
 
@@ -438,6 +441,7 @@ def test_allocation_of_singular_values_minimises_the_total_error():
         errors.append(np.linalg.norm(w - (u[:, :r] * s[:r]) @ vt[:r]) ** 2)
     best = min(
         sum(float(np.sum(g[r:])) for g, r in zip(gains, combo))
-        for combo in itertools.product(range(1, 5), repeat=3) if sum(combo) <= 7
+        for combo in itertools.product(range(1, 5), repeat=3)
+        if sum(combo) <= 7
     )
     np.testing.assert_allclose(sum(errors), best, rtol=1e-9)

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 from keras import ops
-from keras_factorized._keras_compat import testing_test_case
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
 from keras_factorized import LowRankEinsumDense
+from keras_factorized import _keras_compat
 
 BACKEND = keras.backend.backend()
 
@@ -113,9 +113,7 @@ def _fresh_layer(kind, **kwargs):
         layer = LowRankDense(5, rank=5, **kwargs)
         x = rng.normal(size=(3, 6)).astype("float32")
     else:
-        layer = LowRankEinsumDense(
-            "abc,cde->abde", (None, 2, 3), rank=5, bias_axes="de", **kwargs
-        )
+        layer = LowRankEinsumDense("abc,cde->abde", (None, 2, 3), rank=5, bias_axes="de", **kwargs)
         x = rng.normal(size=(2, 4, 5)).astype("float32")
     return layer, x
 
@@ -138,7 +136,7 @@ def _fit_one_step(model, x, learning_rate=0.5):
 # the mixed_float16 dtype check of Keras's own tests.
 
 
-class EmbeddingLayerCasesTest(testing_test_case()):
+class EmbeddingLayerCasesTest(_keras_compat.testing_test_case()):
     def test_embedding_basics(self):
         self.run_layer_test(
             FactorizedEmbedding,
@@ -199,7 +197,7 @@ class EmbeddingLayerCasesTest(testing_test_case()):
         )
 
 
-class DenseLayerCasesTest(testing_test_case()):
+class DenseLayerCasesTest(_keras_compat.testing_test_case()):
     def test_dense_basics(self):
         self.run_layer_test(
             LowRankDense,
@@ -260,43 +258,89 @@ class DenseLayerCasesTest(testing_test_case()):
 #  bias_shape, full_output_shape)
 EINSUM_CASES = [
     ("2d_middle_weight", "ab,bc->ac", None, (2, 32), (64,), (32, 64), None, (2, 64)),
-    ("3d_bert", "abc,cde->abde", None, (2, 1, 2), (1, 3, 4), (2, 3, 4), None,
-     (2, 1, 3, 4)),
-    ("3d_3_bias", "abc,cde->abde", "e", (2, 1, 2), (1, 3, 4), (2, 3, 4), (4,),
-     (2, 1, 3, 4)),
-    ("3d_2_bias", "abc,cde->abde", "d", (2, 1, 2), (1, 3, 4), (2, 3, 4), (3, 1),
-     (2, 1, 3, 4)),
-    ("3d_1_3_bias", "abc,cde->abde", "be", (2, 7, 2), (7, 3, 4), (2, 3, 4),
-     (7, 1, 4), (2, 7, 3, 4)),
-    ("3d_bert_projection", "BFNH,NHD->BFD", None, (2, 1, 2, 3), (1, 4), (2, 3, 4),
-     None, (2, 1, 4)),
-    ("attention_output", "abcd,cde->abe", "e", (2, 5, 2, 3), (5, 4), (2, 3, 4), (4,),
-     (2, 5, 4)),
+    ("3d_bert", "abc,cde->abde", None, (2, 1, 2), (1, 3, 4), (2, 3, 4), None, (2, 1, 3, 4)),
+    ("3d_3_bias", "abc,cde->abde", "e", (2, 1, 2), (1, 3, 4), (2, 3, 4), (4,), (2, 1, 3, 4)),
+    ("3d_2_bias", "abc,cde->abde", "d", (2, 1, 2), (1, 3, 4), (2, 3, 4), (3, 1), (2, 1, 3, 4)),
+    (
+        "3d_1_3_bias",
+        "abc,cde->abde",
+        "be",
+        (2, 7, 2),
+        (7, 3, 4),
+        (2, 3, 4),
+        (7, 1, 4),
+        (2, 7, 3, 4),
+    ),
+    ("3d_bert_projection", "BFNH,NHD->BFD", None, (2, 1, 2, 3), (1, 4), (2, 3, 4), None, (2, 1, 4)),
+    ("attention_output", "abcd,cde->abe", "e", (2, 5, 2, 3), (5, 4), (2, 3, 4), (4,), (2, 5, 4)),
     ("2d_bert", "abc,cd->abd", None, (2, 1, 2), (1, 4), (2, 4), None, (2, 1, 4)),
     ("xlnet_lm", "ibd,nd->ibn", None, (2, 2, 1), (2, 2), (2, 1), None, (2, 2, 2)),
     ("2d_precast", "...b,bc->...c", None, (2, 32), (64,), (32, 64), None, (2, 64)),
-    ("2d_precast_multiple_elided_dims", "...b,bc->...c", None, (2, 3, 32), (64,),
-     (32, 64), None, (2, 3, 64)),
-    ("3d_precast", "...c,cde->...de", None, (2, 1, 2), (3, 4), (2, 3, 4), None,
-     (2, 1, 3, 4)),
-    ("3d_precast_3_bias", "...c,cde->...de", "e", (2, 1, 2), (3, 4), (2, 3, 4), (4,),
-     (2, 1, 3, 4)),
-    ("3d_precast_2_bias", "...c,cde->...de", "d", (2, 1, 2), (3, 4), (2, 3, 4),
-     (3, 1), (2, 1, 3, 4)),
-    ("3d_precast_2_3_bias", "...c,cde->...de", "de", (2, 1, 2), (3, 4), (2, 3, 4),
-     (3, 4), (2, 1, 3, 4)),
-    ("2d_postcast", "bc...,cd->bd...", None, (2, 1, 2, 3), (4,), (1, 4), None,
-     (2, 4, 2, 3)),
-    ("2d_postcast_ab", "ab...,bc->ac...", None, (2, 3, 4), (5,), (3, 5), None,
-     (2, 5, 4)),
-    ("3d_postcast", "bc...,cde->bde...", None, (2, 1, 2), (3, 4), (1, 3, 4), None,
-     (2, 3, 4, 2)),
-    ("3d_postcast_1_bias", "bc...,cde->bde...", "d", (2, 1, 2), (3, 4), (1, 3, 4),
-     (3, 1, 1), (2, 3, 4, 2)),
-    ("3d_postcast_2_bias", "bc...,cde->bde...", "e", (2, 1, 2), (3, 4), (1, 3, 4),
-     (4, 1), (2, 3, 4, 2)),
-    ("3d_postcast_1_2_bias", "bc...,cde->bde...", "de", (2, 1, 2), (3, 4), (1, 3, 4),
-     (3, 4, 1), (2, 3, 4, 2)),
+    (
+        "2d_precast_multiple_elided_dims",
+        "...b,bc->...c",
+        None,
+        (2, 3, 32),
+        (64,),
+        (32, 64),
+        None,
+        (2, 3, 64),
+    ),
+    ("3d_precast", "...c,cde->...de", None, (2, 1, 2), (3, 4), (2, 3, 4), None, (2, 1, 3, 4)),
+    ("3d_precast_3_bias", "...c,cde->...de", "e", (2, 1, 2), (3, 4), (2, 3, 4), (4,), (2, 1, 3, 4)),
+    (
+        "3d_precast_2_bias",
+        "...c,cde->...de",
+        "d",
+        (2, 1, 2),
+        (3, 4),
+        (2, 3, 4),
+        (3, 1),
+        (2, 1, 3, 4),
+    ),
+    (
+        "3d_precast_2_3_bias",
+        "...c,cde->...de",
+        "de",
+        (2, 1, 2),
+        (3, 4),
+        (2, 3, 4),
+        (3, 4),
+        (2, 1, 3, 4),
+    ),
+    ("2d_postcast", "bc...,cd->bd...", None, (2, 1, 2, 3), (4,), (1, 4), None, (2, 4, 2, 3)),
+    ("2d_postcast_ab", "ab...,bc->ac...", None, (2, 3, 4), (5,), (3, 5), None, (2, 5, 4)),
+    ("3d_postcast", "bc...,cde->bde...", None, (2, 1, 2), (3, 4), (1, 3, 4), None, (2, 3, 4, 2)),
+    (
+        "3d_postcast_1_bias",
+        "bc...,cde->bde...",
+        "d",
+        (2, 1, 2),
+        (3, 4),
+        (1, 3, 4),
+        (3, 1, 1),
+        (2, 3, 4, 2),
+    ),
+    (
+        "3d_postcast_2_bias",
+        "bc...,cde->bde...",
+        "e",
+        (2, 1, 2),
+        (3, 4),
+        (1, 3, 4),
+        (4, 1),
+        (2, 3, 4, 2),
+    ),
+    (
+        "3d_postcast_1_2_bias",
+        "bc...,cde->bde...",
+        "de",
+        (2, 1, 2),
+        (3, 4),
+        (1, 3, 4),
+        (3, 4, 1),
+        (2, 3, 4, 2),
+    ),
 ]
 
 
@@ -312,13 +356,27 @@ def _einsum_full_rank(equation, kernel_shape):
 # `run_layer_test` (a training step and a mixed-precision pass each) on one
 # case per equation form and bias layout, to keep the suite fast; the
 # comparison with `EinsumDense` below runs on every case.
-BASICS_CASES = [case for case in EINSUM_CASES if case[0] in {
-    "2d_middle_weight", "3d_1_3_bias", "3d_bert_projection", "attention_output",
-    "2d_bert", "xlnet_lm", "2d_precast_multiple_elided_dims", "3d_precast_2_3_bias",
-    "2d_postcast", "2d_postcast_ab", "3d_postcast_1_2_bias"}]
+BASICS_CASES = [
+    case
+    for case in EINSUM_CASES
+    if case[0]
+    in {
+        "2d_middle_weight",
+        "3d_1_3_bias",
+        "3d_bert_projection",
+        "attention_output",
+        "2d_bert",
+        "xlnet_lm",
+        "2d_precast_multiple_elided_dims",
+        "3d_precast_2_3_bias",
+        "2d_postcast",
+        "2d_postcast_ab",
+        "3d_postcast_1_2_bias",
+    }
+]
 
 
-class EinsumDenseLayerCasesTest(testing_test_case()):
+class EinsumDenseLayerCasesTest(_keras_compat.testing_test_case()):
     @parameterized.named_parameters(*BASICS_CASES)
     def test_einsum_dense_basics(
         self,
@@ -393,8 +451,7 @@ def test_embedding_correctness():
 
 @pytest.mark.parametrize(
     "activation,use_bias,expected",
-    [("relu", True, [[10.0, 0.0]]), (None, False, [[5.0, -6.0]]),
-     ("relu", False, [[5.0, 0.0]])],
+    [("relu", True, [[10.0, 0.0]]), (None, False, [[5.0, -6.0]]), ("relu", False, [[5.0, 0.0]])],
 )
 def test_dense_correctness(activation, use_bias, expected):
     layer = LowRankDense(units=2, rank=2, activation=activation, use_bias=use_bias)
@@ -430,8 +487,10 @@ def test_full_rank_matches_keras_counterpart(kind):
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_gives_back_the_keras_weights(kind):
     low, dense, x = _pair(kind)
-    merged = getattr(low, {"embedding": "to_embedding", "dense": "to_dense",
-                           "einsum_dense": "to_einsum_dense"}[kind])()
+    merged = getattr(
+        low,
+        {"embedding": "to_embedding", "dense": "to_dense", "einsum_dense": "to_einsum_dense"}[kind],
+    )()
     assert type(merged) is type(dense)
     for got, want in zip(merged.weights, dense.weights):
         np.testing.assert_allclose(_np(got), _np(want), atol=1e-5)
@@ -457,8 +516,7 @@ def test_compute_output_shape_before_build():
     assert tuple(layer.compute_output_shape((None, 5))) == (None, 7)
     layer.build((None, 5))
     assert tuple(layer.compute_output_shape((None, 5))) == (None, 7)
-    layer = LowRankEinsumDense("abc,cd->abd", output_shape=(None, 4), rank=4,
-                               bias_axes="d")
+    layer = LowRankEinsumDense("abc,cd->abd", output_shape=(None, 4), rank=4, bias_axes="d")
     x = keras.Input(shape=(3, 8))
     assert tuple(layer.compute_output_shape((None, 3, 8))) == tuple(layer(x).shape)
 
@@ -532,8 +590,7 @@ def test_ragged_ids_give_a_ragged_output_like_embedding():
     assert isinstance(expected, tf.RaggedTensor)
     assert isinstance(got, tf.RaggedTensor)
     np.testing.assert_array_equal(got.row_splits.numpy(), expected.row_splits.numpy())
-    np.testing.assert_allclose(got.flat_values.numpy(), expected.flat_values.numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(got.flat_values.numpy(), expected.flat_values.numpy(), atol=1e-5)
 
 
 @requires_tf
@@ -551,8 +608,7 @@ def test_text_vectorization_ragged_into_factorized_embedding():
     got = low(ids)
     assert isinstance(got, tf.RaggedTensor)
     assert got.shape.as_list() == expected.shape.as_list()
-    np.testing.assert_allclose(got.flat_values.numpy(), expected.flat_values.numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(got.flat_values.numpy(), expected.flat_values.numpy(), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -562,8 +618,7 @@ def test_text_vectorization_ragged_into_factorized_embedding():
 def test_embedding_compute_mask():
     layer = FactorizedEmbedding(input_dim=3, output_dim=2, rank=2, mask_zero=True)
     layer.build()
-    np.testing.assert_array_equal(_np(layer.compute_mask(np.array([2, 1, 0]))),
-                                  [True, True, False])
+    np.testing.assert_array_equal(_np(layer.compute_mask(np.array([2, 1, 0]))), [True, True, False])
     assert layer.supports_masking
 
 
@@ -693,11 +748,14 @@ POLICIES = {
 
 
 def _skip_without_float64(policy):
-    if policy == "float64" and keras.backend.standardize_dtype(
-        ops.convert_to_tensor(np.zeros(1, "float64")).dtype
-    ) != "float64":
-        pytest.skip("float64 needs JAX's jax_enable_x64 (off: Keras's own layers "
-                    "get float32 variables too)")
+    if (
+        policy == "float64"
+        and keras.backend.standardize_dtype(ops.convert_to_tensor(np.zeros(1, "float64")).dtype)
+        != "float64"
+    ):
+        pytest.skip(
+            "float64 needs JAX's jax_enable_x64 (off: Keras's own layers get float32 variables too)"
+        )
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -719,8 +777,9 @@ def test_dtype_policies(kind, policy):
     assert keras.backend.standardize_dtype(got.dtype) == keras.backend.standardize_dtype(
         expected.dtype
     )
-    np.testing.assert_allclose(_np(got).astype("float64"), _np(expected).astype("float64"),
-                               atol=atol, rtol=atol)
+    np.testing.assert_allclose(
+        _np(got).astype("float64"), _np(expected).astype("float64"), atol=atol, rtol=atol
+    )
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -743,16 +802,30 @@ def test_global_dtype_policy_applies_to_fresh_layers(kind, policy):
 
 
 NON_DEFAULT_OPTIONS = {
-    "embedding": dict(embeddings_a_initializer="glorot_normal",
-                      embeddings_b_initializer="he_uniform",
-                      embeddings_a_regularizer="l2", embeddings_b_constraint="non_neg",
-                      mask_zero=True, a_trainable=False),
-    "dense": dict(activation="relu", kernel_a_initializer="he_normal",
-                  bias_initializer="ones", kernel_b_regularizer="l1",
-                  bias_constraint="non_neg", b_trainable=False),
-    "einsum_dense": dict(activation="gelu", kernel_a_initializer="he_normal",
-                         bias_initializer="ones", kernel_b_regularizer="l1",
-                         bias_constraint="non_neg", a_trainable=False),
+    "embedding": dict(
+        embeddings_a_initializer="glorot_normal",
+        embeddings_b_initializer="he_uniform",
+        embeddings_a_regularizer="l2",
+        embeddings_b_constraint="non_neg",
+        mask_zero=True,
+        a_trainable=False,
+    ),
+    "dense": dict(
+        activation="relu",
+        kernel_a_initializer="he_normal",
+        bias_initializer="ones",
+        kernel_b_regularizer="l1",
+        bias_constraint="non_neg",
+        b_trainable=False,
+    ),
+    "einsum_dense": dict(
+        activation="gelu",
+        kernel_a_initializer="he_normal",
+        bias_initializer="ones",
+        kernel_b_regularizer="l1",
+        bias_constraint="non_neg",
+        a_trainable=False,
+    ),
 }
 
 
@@ -761,9 +834,11 @@ def test_get_config_lists_every_constructor_argument(kind):
     layer, _ = _fresh_layer(kind)
     config = layer.get_config()
     parameters = inspect.signature(type(layer).__init__).parameters
-    missing = [name for name, p in parameters.items()
-               if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-               and name not in config]
+    missing = [
+        name
+        for name, p in parameters.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in config
+    ]
     assert not missing
 
 

@@ -218,11 +218,14 @@ class LowRankLayer(FactorQuantization, keras.layers.Layer):
         ):
             _assign(variable, value, name, shape, dims)
         if bias is not None:
-            if getattr(self, "bias", None) is None:
-                raise validation.invalid_value(
-                    "bias", "None for a layer built without a bias", "an array"
-                )
-            _assign(self.bias, bias, "bias", tuple(self.bias.shape), "the bias")
+            self._set_bias(bias)
+
+    def _set_bias(self, bias):
+        if getattr(self, "bias", None) is None:
+            raise validation.invalid_value(
+                "bias", "None for a layer built without a bias", "an array"
+            )
+        _assign(self.bias, bias, "bias", tuple(self.bias.shape), "the bias")
 
     @classmethod
     def from_factors(cls, a, b, bias=None, **kwargs):
@@ -241,8 +244,18 @@ class LowRankLayer(FactorQuantization, keras.layers.Layer):
         rank = int(a.shape[-1])
         kwargs = {**cls._shape_kwargs(a, b, bias, kwargs), **kwargs, "rank": rank}
         layer = cls(**kwargs)
-        layer.build(layer._build_shape(a.shape, b.shape))
-        layer.set_factors(a, b, bias)
+        # The factor variables are created holding `a` and `b` (no random
+        # initial values drawn, then overwritten by a second full copy):
+        # `set_factors` after a plain `build` cost 20-30% on top of the SVD
+        # of a 250,000 x 768 matrix (issue 13). The checks are set_factors's.
+        with _initial_values(layer, a, b) as given:
+            layer.build(layer._build_shape(a.shape, b.shape))
+        if not all(initializer.used for initializer in given):
+            # `build` did not create the factors from their initializers
+            # (e.g. a quantized dtype policy): assign them the usual way.
+            layer.set_factors(a, b, bias)
+        elif bias is not None:
+            layer._set_bias(bias)
         return layer
 
     @classmethod
@@ -282,7 +295,8 @@ class LowRankLayer(FactorQuantization, keras.layers.Layer):
         result = decomposition.truncated_svd(
             matrix, rank, energy=energy, param_ratio=param_ratio, method=svd_method
         )
-        a, b = result.factors(split)
+        # `result` is dropped here: its `u` becomes `A` in place (no copy).
+        a, b = result.factors(split, overwrite_u=True)
         return cls.from_factors(a, b, bias, **kwargs)
 
     @classmethod
@@ -426,21 +440,77 @@ class LowRankLayer(FactorQuantization, keras.layers.Layer):
         return matrix
 
 
+class _GivenValue(keras.initializers.Initializer):
+    """Initial value of one factor variable in `from_factors`: the given array.
+
+    Checks it as `set_factors` does (2-D or the variable's shape, finite) and
+    returns it in the variable's shape and dtype, without a copy when it
+    already has them (the backend copies it once into the variable).
+    """
+
+    def __init__(self, value, name, shape_2d, dims):
+        self.value, self.name, self.shape_2d, self.dims = value, name, shape_2d, dims
+        self.used = False
+
+    def __call__(self, shape, dtype=None):
+        self.used = True
+        value = _checked(self.value, self.name, self.shape_2d, shape, self.dims)
+        return np.asarray(value, dtype=dtype).reshape(tuple(shape))
+
+
+class _initial_values:
+    """While building `layer`, its factor initializers return `a` and `b`.
+
+    Restores the layer's own initializers afterwards (its config is
+    unchanged), also when `build` raises.
+    """
+
+    def __init__(self, layer, a, b):
+        self.layer = layer
+        m, rank, n = int(np.prod(a.shape[:-1])), layer.rank, int(np.prod(b.shape[1:]))
+        m_name, n_name = layer.matrix_dim_names
+        self.given = {
+            f"{layer.factor_names[0]}_initializer": _GivenValue(
+                a, "a", (m, rank), f"{m_name}={m}, rank={rank}"),
+            f"{layer.factor_names[1]}_initializer": _GivenValue(
+                b, "b", (rank, n), f"rank={rank}, {n_name}={n}"),
+        }
+
+    def __enter__(self):
+        self.saved = {key: getattr(self.layer, key) for key in self.given}
+        for key, initializer in self.given.items():
+            setattr(self.layer, key, initializer)
+        return tuple(self.given.values())
+
+    def __exit__(self, *exc):
+        for key, initializer in self.saved.items():
+            setattr(self.layer, key, initializer)
+        return False
+
+
+def _checked(value, name, shape, variable_shape, dims):
+    """`value` as a NumPy array, checked: shape `shape` or `variable_shape`, finite."""
+    value = _as_numpy(value)
+    if tuple(value.shape) not in (tuple(shape), tuple(variable_shape)):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected an array of shape "
+            f"{tuple(shape)} ({dims}). Received: {name}.shape={tuple(value.shape)}"
+        )
+    # The sum is finite only if every entry is (NaN and Inf propagate): one
+    # pass without a temporary array; the exact test only if it is not.
+    if not np.isfinite(value.sum()) and not np.isfinite(value).all():
+        raise validation.invalid_value(
+            name, "finite values", "an array containing NaN or Inf"
+        )
+    return value
+
+
 def _assign(variable, value, name, shape, dims):
     """Assigns `value` (2-D or in the variable's shape) to `variable`.
 
     Reshapes and casts without a copy when `value` already has the
     variable's dtype and a contiguous layout.
     """
-    value = _as_numpy(value)
-    if tuple(value.shape) not in (tuple(shape), tuple(variable.shape)):
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected an array of shape "
-            f"{tuple(shape)} ({dims}). Received: {name}.shape={tuple(value.shape)}"
-        )
-    if not np.isfinite(value).all():
-        raise validation.invalid_value(
-            name, "finite values", "an array containing NaN or Inf"
-        )
+    value = _checked(value, name, shape, variable.shape, dims)
     value = np.asarray(value, dtype=variable.dtype).reshape(tuple(variable.shape))
     variable.assign(value)

@@ -649,18 +649,20 @@ def test_sweep_npz_outputs(capsys, workdir, tmp_path):
 
 @needs_surgery
 def test_sweep_quantize_columns(capsys, workdir, tmp_path):
-    out_json = tmp_path / "sweep.json"
+    out_json, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     code, _, err = _run(
         capsys,
-        ["sweep", workdir / "pooled.keras", "--data", workdir / "data.npz", "--ranks", "4",
-         "--include", "^hidden$", "--quantize", "int8", "--json", out_json, "-q"],
+        ["sweep", workdir / "pooled.keras", "--data", workdir / "data.npz", "--ranks", "4,2",
+         "--include", "^hidden$", "--quantize", "int8", "--json", out_json, "--plot", png,
+         "--fine-tune-epochs", "1", "-q"],
     )
     assert code == 0, err
     rows = json.loads(out_json.read_text())
-    assert [r["rank"] for r in rows] == ["full", 4]
+    assert [r["rank"] for r in rows] == ["full", 2, 4]
     for row in rows:
         assert row["int8_bytes"] < row["bytes"]
-        assert abs(row["int8_accuracy"] - row["accuracy"]) <= 0.1
+        assert abs(row["int8_accuracy"] - row["fine_tuned_accuracy"]) <= 0.1
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_sweep_bad_data(capsys, workdir, tmp_path):

@@ -240,35 +240,44 @@ def _quantized_columns(model, data, args) -> dict[str, Any]:
     }
 
 
+def _quantized_mode(row: dict[str, Any]) -> str | None:
+    """The `--quantize` mode of a row with quantized columns (`int8_bytes`...), or None."""
+    return next((k[: -len("_bytes")] for k in row if k.endswith("_bytes")), None)
+
+
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str, title: str | None = None) -> str:
-    """Plots the sweep's metric against parameters into a PNG (atomic write)."""
+    """Plots the sweep's metric against the model's size into a PNG (atomic write).
+
+    The size is the number of parameters, or the bytes when the rows have
+    quantized columns (`--quantize`), which then get their own line.
+    """
     from keras_factorized import reporting
 
-    metric = _row_metric(rows[0])
-    tuned_key = f"fine_tuned_{metric}"
+    metric, mode = _row_metric(rows[0]), _quantized_mode(rows[0])
+    x_key = "bytes" if mode else "params"
     base = [r for r in rows if r["rank"] == "full"]
     cut = [r for r in rows if r["rank"] != "full"]
-    params = [r["params"] for r in cut]
-    series = [{
-        "x": params, "y": [r[metric] for r in cut], "style": "o-", "label": "SVD, no training",
-        "annotations": [f"r={r['rank']}" for r in cut],
-    }]
-    if cut and tuned_key in cut[0]:
-        series.append({"x": params, "y": [r[tuned_key] for r in cut], "style": "s-",
-                       "label": "after fine-tuning"})
-    hlines, vlines = [], []
-    if base:
-        hlines.append({"y": base[0][metric], "color": "C0", "linestyle": "--",
-                       "label": "original model"})
-        if tuned_key in base[0]:
-            hlines.append({"y": base[0][tuned_key], "color": "C1", "linestyle": "--",
-                           "label": "original, fine-tuned alike"})
-        vlines.append({"x": base[0]["params"]})
+    lines = [(x_key, metric, "SVD, no training", "o-", "original model")]
+    if f"fine_tuned_{metric}" in rows[0]:
+        lines.append((x_key, f"fine_tuned_{metric}", "after fine-tuning", "s-",
+                      "original, fine-tuned alike"))
+    if mode:
+        lines.append((f"{mode}_bytes", f"{mode}_{metric}", f"then {mode}", "^-",
+                      f"original, {mode} alike"))
+    series, hlines = [], []
+    for i, (x, y, label, style, base_label) in enumerate(lines):
+        series.append({"x": [r[x] for r in cut], "y": [r[y] for r in cut], "style": style,
+                       "label": label, "color": f"C{i}",
+                       "annotations": [f"r={r['rank']}" for r in cut] if i == 0 else None})
+        if base:
+            hlines.append({"y": base[0][y], "color": f"C{i}", "linestyle": "--",
+                           "label": base_label})
+    size = "bytes" if mode else "parameters"
     with reporting.figure(path) as (ax,):
         reporting.draw_series(
-            ax, series, xlabel="parameters (whole model)", ylabel=metric,
-            title=title or f"{metric} against parameters", xscale="log",
-            hlines=hlines, vlines=vlines,
+            ax, series, xlabel=f"{size} (whole model)", ylabel=metric,
+            title=title or f"{metric} against {size}", xscale="log",
+            hlines=hlines, vlines=[{"x": base[0][x_key]}] if base else (),
         )
     return path
 
@@ -342,7 +351,8 @@ def run(args) -> int:
         reporting.write_csv(args.csv, rows)
         print(f"Wrote {args.csv}")
     if args.plot:
-        title = f"{os.path.basename(args.model)}: {_row_metric(rows[0])} vs parameters"
+        size = "bytes" if args.quantize else "parameters"
+        title = f"{os.path.basename(args.model)}: {_row_metric(rows[0])} vs {size}"
         plot_sweep(rows, args.plot, title=title)
         print(f"Wrote {args.plot}")
     return 0

@@ -324,4 +324,4 @@ def quantize(model, mode: str) -> tuple[list[str], list[str]]:
 def print_quantized(mode: str, quantized: Sequence[str], left: Sequence[str]) -> None:
     print(f"Quantized to {mode}: {len(quantized)} layer(s)")
     if left:
-        print(f"Left in float (no {mode} quantize for them): {', '.join(left)}")
+        print(f"Left in float (model.quantize skipped them): {', '.join(left)}")

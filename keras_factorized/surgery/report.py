@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from keras_factorized import data_aware
+from keras_factorized import reporting
 
 
 @dataclasses.dataclass
@@ -118,28 +119,20 @@ class FactorizationReport:
                     r.note,
                 ]
             )
-        rows.append(
-            [
-                "total",
-                "",
-                "",
-                "",
-                f"{self.params_before:,}",
-                f"{self.params_after:,}",
-                "",
-                "",
-                f"ratio {self.param_ratio:.3f}",
-            ]
+        footer = [
+            "total",
+            "",
+            "",
+            "",
+            f"{self.params_before:,}",
+            f"{self.params_after:,}",
+            "",
+            "",
+            f"ratio {self.param_ratio:.3f}",
+        ]
+        text = reporting.format_table(
+            headers, rows, footer=footer, left=[0, 1, 2, 8], markdown=markdown
         )
-        if markdown:
-            lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
-        else:
-            widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-            fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-            lines = [fmt.format(*headers), fmt.format(*["-" * w for w in widths])]
-            lines += [fmt.format(*row) for row in rows]
-        text = "\n".join(lines)
         if self.notes:
             text += "\n" + "\n".join(self.notes)
         return f"Factorization ({self.method}):\n{text}"

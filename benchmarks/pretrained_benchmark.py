@@ -63,14 +63,20 @@ PLOT_KINDS = {
 
 def plan(ranks, seeds, with_glove=True):
     """`(seed, name, kind, rank)` in the order they run: the issue's goals first."""
+
     def group(seed, chosen):
         out = []
         if None in chosen:
-            out += [(seed, "full frozen", "full_frozen", None), (seed, "full trainable", "full_trainable", None)]
+            out += [
+                (seed, "full frozen", "full_frozen", None),
+                (seed, "full trainable", "full_trainable", None),
+            ]
         for rank in (r for r in chosen if r is not None):
-            out += [(seed, f"svd {rank} trainable", "svd_trainable", rank),
-                    (seed, f"scratch {rank}", "scratch", rank),
-                    (seed, f"svd {rank} frozen", "svd_frozen", rank)]
+            out += [
+                (seed, f"svd {rank} trainable", "svd_trainable", rank),
+                (seed, f"scratch {rank}", "scratch", rank),
+                (seed, f"svd {rank} frozen", "svd_frozen", rank),
+            ]
         return out
 
     others = [r for r in ranks if r != KEY_RANK]
@@ -78,8 +84,10 @@ def plan(ranks, seeds, with_glove=True):
     order += [(seeds[0], f"svd {r} frozen", "svd_frozen", r) for r in others]
     order += [(seeds[0], f"svd {r} trainable", "svd_trainable", r) for r in others]
     if with_glove:
-        order += [(seeds[0], "glove full frozen", "glove_frozen", None),
-                  (seeds[0], f"glove svd {KEY_RANK} trainable", "glove_svd_trainable", KEY_RANK)]
+        order += [
+            (seeds[0], "glove full frozen", "glove_frozen", None),
+            (seeds[0], f"glove svd {KEY_RANK} trainable", "glove_svd_trainable", KEY_RANK),
+        ]
     order += [(seeds[0], f"scratch {r}", "scratch", r) for r in others]
     for seed in seeds[1:]:
         order += group(seed, [None, KEY_RANK])
@@ -127,8 +135,13 @@ class Inputs:
                 )
                 seconds = time.perf_counter() - start  # includes adapting the vectorizer
             found = int(np.count_nonzero(np.abs(table).sum(axis=1)))
-            info = {"file_bytes": size, "words_in_file": len(vocabulary), "load_s": seconds,
-                    "vocabulary": len(vectorizer.get_vocabulary()), "rows_found": found}
+            info = {
+                "file_bytes": size,
+                "words_in_file": len(vocabulary),
+                "load_s": seconds,
+                "vocabulary": len(vectorizer.get_vocabulary()),
+                "rows_found": found,
+            }
             arrays = self.example.token_ids(vectorizer, self.data, self.args.sequence_length)
             self._glove = (arrays, table, info)
         return self._glove
@@ -147,11 +160,19 @@ def train_one(example, inputs, args, seed, name, kind, rank):
     keras.utils.set_random_seed(seed)
     frozen = kind.endswith("frozen")
     if kind == "scratch":
-        embedding = FactorizedEmbedding(vocab_size, dim, rank=rank, mask_zero=True, name="embedding")
+        embedding = FactorizedEmbedding(
+            vocab_size, dim, rank=rank, mask_zero=True, name="embedding"
+        )
     else:
         embedding = example.pretrained_embedding(matrix, rank, trainable=not frozen)
-    model = example.build_model(vocab_size, args.sequence_length, dim, args.lstm_units,
-                                embedding=embedding, name=re.sub(r"\W+", "_", name))
+    model = example.build_model(
+        vocab_size,
+        args.sequence_length,
+        dim,
+        args.lstm_units,
+        embedding=embedding,
+        name=re.sub(r"\W+", "_", name),
+    )
     print(f"\n=== seed {seed}: {name}", flush=True)
     info = example.train(model, arrays, args, epochs=args.epochs, learning_rate=args.learning_rate)
     row = example.describe(model, arrays, name, kind, rank, seed, info, frozen=frozen)
@@ -164,7 +185,9 @@ def imdb_section_best():
     """The best from-scratch mean test accuracy of the `imdb` section, as `(model, %)`."""
     text = open(BENCHMARKS_MD, encoding="utf-8").read() if os.path.exists(BENCHMARKS_MD) else ""
     match = re.search(r"<!-- BEGIN imdb -->(.*?)<!-- END imdb -->", text, re.DOTALL)
-    rows = re.findall(r"^\| (baseline|rank \d+) \|[^\n]*?\| ([\d.]+) ± ", match.group(1) if match else "", re.M)
+    rows = re.findall(
+        r"^\| (baseline|rank \d+) \|[^\n]*?\| ([\d.]+) ± ", match.group(1) if match else "", re.M
+    )
     return max(((name, float(acc)) for name, acc in rows), key=lambda r: r[1], default=None)
 
 
@@ -179,10 +202,15 @@ def rank_choices(summary, tolerance):
     """Rank by validation (the example's rule) in the frozen and the trainable groups."""
     example = load_example("imdb_lstm")
     out = {}
-    for group, kinds in (("frozen", ("full_frozen", "svd_frozen")),
-                         ("trainable", ("full_trainable", "svd_trainable"))):
-        rows = [dict(r, val_accuracy=r["val_accuracy_mean"], test_accuracy=r["test_accuracy_mean"])
-                for r in summary if r["kind"] in kinds]
+    for group, kinds in (
+        ("frozen", ("full_frozen", "svd_frozen")),
+        ("trainable", ("full_trainable", "svd_trainable")),
+    ):
+        rows = [
+            dict(r, val_accuracy=r["val_accuracy_mean"], test_accuracy=r["test_accuracy_mean"])
+            for r in summary
+            if r["kind"] in kinds
+        ]
         if any(r["rank"] is None for r in rows) and len(rows) > 1:
             out[group] = example.select_rank(rows, tolerance)
     return out
@@ -190,39 +218,72 @@ def rank_choices(summary, tolerance):
 
 def goals(by, choices, tolerance, imdb_best):
     """Rows `[goal, measured, status]` for the goals of issue 15."""
+
     def acc(name):
         return 100 * by[name]["test_accuracy_mean"] if name in by else None
 
     rows = []
     full_f, r_f = acc("full frozen"), acc(f"svd {KEY_RANK} frozen")
     if full_f is not None and r_f is not None:
-        rows.append([f"frozen rank {KEY_RANK} vs frozen full table (issue: -6.75, one seed)",
-                     f"{r_f:.2f} vs {full_f:.2f} ({r_f - full_f:+.2f})", "reported"])
-    full_t, r_t, s_t = acc("full trainable"), acc(f"svd {KEY_RANK} trainable"), acc(f"scratch {KEY_RANK}")
+        rows.append(
+            [
+                f"frozen rank {KEY_RANK} vs frozen full table (issue: -6.75, one seed)",
+                f"{r_f:.2f} vs {full_f:.2f} ({r_f - full_f:+.2f})",
+                "reported",
+            ]
+        )
+    full_t, r_t, s_t = (
+        acc("full trainable"),
+        acc(f"svd {KEY_RANK} trainable"),
+        acc(f"scratch {KEY_RANK}"),
+    )
     if full_t is not None and r_t is not None:
-        rows.append([f"trainable SVD rank {KEY_RANK} within 0.5 points of the trainable full table",
-                     f"{r_t:.2f} vs {full_t:.2f} ({r_t - full_t:+.2f})",
-                     "met" if r_t >= full_t - 0.5 else f"missed by {full_t - 0.5 - r_t:.2f}"])
+        rows.append(
+            [
+                f"trainable SVD rank {KEY_RANK} within 0.5 points of the trainable full table",
+                f"{r_t:.2f} vs {full_t:.2f} ({r_t - full_t:+.2f})",
+                "met" if r_t >= full_t - 0.5 else f"missed by {full_t - 0.5 - r_t:.2f}",
+            ]
+        )
     if r_t is not None and s_t is not None:
-        rows.append([f"trainable SVD rank {KEY_RANK} above rank {KEY_RANK} from scratch",
-                     f"{r_t:.2f} vs {s_t:.2f} ({r_t - s_t:+.2f})",
-                     "met" if r_t > s_t else f"missed by {s_t - r_t:.2f}"])
+        rows.append(
+            [
+                f"trainable SVD rank {KEY_RANK} above rank {KEY_RANK} from scratch",
+                f"{r_t:.2f} vs {s_t:.2f} ({r_t - s_t:+.2f})",
+                "met" if r_t > s_t else f"missed by {s_t - r_t:.2f}",
+            ]
+        )
     if "frozen" in choices:
         chosen = choices["frozen"]
         if chosen is None:
-            rows.append([f"frozen: smallest rank within {tolerance:g} points (validation)",
-                         "no rank close enough", "the full table is kept"])
+            rows.append(
+                [
+                    f"frozen: smallest rank within {tolerance:g} points (validation)",
+                    "no rank close enough",
+                    "the full table is kept",
+                ]
+            )
         else:
-            rows.append([f"frozen: smallest rank within {tolerance:g} points (validation)",
-                         f"{chosen['model']}: {chosen['compression']:.1f}x fewer embedding parameters, "
-                         f"test {100 * chosen['test_accuracy']:.2f}", "reported"])
+            rows.append(
+                [
+                    f"frozen: smallest rank within {tolerance:g} points (validation)",
+                    f"{chosen['model']}: {chosen['compression']:.1f}x fewer embedding parameters, "
+                    f"test {100 * chosen['test_accuracy']:.2f}",
+                    "reported",
+                ]
+            )
     pretrained = [r for r in by.values() if r["kind"] not in ("scratch",)]
     if pretrained and imdb_best:
         best = max(pretrained, key=lambda r: r["test_accuracy_mean"])
         gap = 100 * best["test_accuracy_mean"] - imdb_best[1]
-        rows.append([f"best pretrained above the best from-scratch model of the imdb section "
-                     f"({imdb_best[0]}, {imdb_best[1]:.2f})", f"{best['model']}: {_acc(best)} ({gap:+.2f})",
-                     "met" if gap > 0 else f"missed by {-gap:.2f}"])
+        rows.append(
+            [
+                f"best pretrained above the best from-scratch model of the imdb section "
+                f"({imdb_best[0]}, {imdb_best[1]:.2f})",
+                f"{best['model']}: {_acc(best)} ({gap:+.2f})",
+                "met" if gap > 0 else f"missed by {-gap:.2f}",
+            ]
+        )
     return rows
 
 
@@ -233,11 +294,16 @@ def build_markdown(rows, args, command, glove_info, total, elapsed):
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"## {args.title}", ""]
     if len(rows) < total:
-        lines += [f"**Partial: {len(rows)} of {total} planned trainings finished "
-                  f"({elapsed / 60:.0f} min so far); the rest did not fit the time budget.**", ""]
+        lines += [
+            f"**Partial: {len(rows)} of {total} planned trainings finished "
+            f"({elapsed / 60:.0f} min so far); the rest did not fit the time budget.**",
+            "",
+        ]
     lines += [
-        f"Command: `{command}`", "",
-        f"Machine: {machine_description()}. Seeds run: {', '.join(map(str, seeds))}.", "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine_description()}. Seeds run: {', '.join(map(str, seeds))}.",
+        "",
         f"Data: IMDB, {args.split_sizes[0]:,} train / {args.split_sizes[1]:,} validation (from train) / "
         f"{args.split_sizes[2]:,} test reviews. Tokens: all-MiniLM-L6-v2's WordPiece tokenizer, the last "
         f"{args.sequence_length} kept. Model: the IMDB example's (`build_model`), embedding 384 (the "
@@ -247,13 +313,34 @@ def build_markdown(rows, args, command, glove_info, total, elapsed):
         "truncated SVD (`FactorizedEmbedding.from_matrix`), frozen or trained with the model; "
         "scratch rows: `FactorizedEmbedding` of the same shape, randomly initialised. Compression: "
         "against the 11,720,448 entries of the full table (glove rows: against their own "
-        "word-level table).", "",
+        "word-level table).",
+        "",
     ]
-    headers = ["model", "seeds", "embedding params", "compression", "val. acc. %", "test acc. % (mean ± std)",
-               "s/epoch", "epochs", ".keras size"]
-    table = [[r["model"], r["seeds"], f"{r['embedding_params']:,}", f"{r['compression']:.1f}x",
-              f"{100 * r['val_accuracy_mean']:.2f}", _acc(r), f"{r['time_per_epoch_s']:.0f}",
-              f"{r['epochs_trained_mean']:.1f}", f"{r['model_size_bytes'] / 1e6:.2f} MB"] for r in summary]
+    headers = [
+        "model",
+        "seeds",
+        "embedding params",
+        "compression",
+        "val. acc. %",
+        "test acc. % (mean ± std)",
+        "s/epoch",
+        "epochs",
+        ".keras size",
+    ]
+    table = [
+        [
+            r["model"],
+            r["seeds"],
+            f"{r['embedding_params']:,}",
+            f"{r['compression']:.1f}x",
+            f"{100 * r['val_accuracy_mean']:.2f}",
+            _acc(r),
+            f"{r['time_per_epoch_s']:.0f}",
+            f"{r['epochs_trained_mean']:.1f}",
+            f"{r['model_size_bytes'] / 1e6:.2f} MB",
+        ]
+        for r in summary
+    ]
     lines += [markdown_table(headers, table), ""]
     if glove_info:
         g = glove_info
@@ -262,20 +349,33 @@ def build_markdown(rows, args, command, glove_info, total, elapsed):
             f"{g['file_bytes'] / 1e6:.0f} MB) and read by `load_word_vectors` for the example's word-level "
             f"vocabulary of {g['vocabulary']:,} entries: {g['rows_found']:,} rows found (whole-word WordPiece "
             f"tokens; the rest are zeros), {g['load_s']:.1f} s including adapting the TextVectorization. "
-            "The `glove` rows above train on those word-level tokens.", "",
+            "The `glove` rows above train on those word-level tokens.",
+            "",
         ]
     lines += ["### Goals of issue 15", ""]
-    lines += [markdown_table(["goal", "measured (test %, mean over the seeds run)", "status"],
-                             goals(by, choices, args.rank_tolerance, imdb_section_best())), ""]
+    lines += [
+        markdown_table(
+            ["goal", "measured (test %, mean over the seeds run)", "status"],
+            goals(by, choices, args.rank_tolerance, imdb_section_best()),
+        ),
+        "",
+    ]
     for group, chosen in choices.items():
         if chosen:
-            lines.append(f"Rank by validation ({group} group, tolerance {args.rank_tolerance:g} points of "
-                         f"the best mean validation accuracy): {chosen['model']}.")
+            lines.append(
+                f"Rank by validation ({group} group, tolerance {args.rank_tolerance:g} points of "
+                f"the best mean validation accuracy): {chosen['model']}."
+            )
     per_seed = {}
     for r in rows:
         per_seed.setdefault(r["model"], []).append(f"{100 * r['test_accuracy']:.2f}")
-    lines += ["", "Per-seed test accuracy (%): "
-              + "; ".join(f"{name}: {', '.join(v)}" for name, v in per_seed.items()) + ".", ""]
+    lines += [
+        "",
+        "Per-seed test accuracy (%): "
+        + "; ".join(f"{name}: {', '.join(v)}" for name, v in per_seed.items())
+        + ".",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -296,11 +396,22 @@ def build_parser():
     add("--no-glove", action="store_true")
     add("--verbose", type=int, default=2)
     add("--output-dir", default=os.path.join(ROOT, "benchmarks", "out", "pretrained"))
-    add("--resume", action="store_true", help="keep the trainings saved in OUTPUT_DIR/pretrained_runs.json")
-    add("--render-only", action="store_true", help="train nothing: rewrite the section from the saved runs")
+    add(
+        "--resume",
+        action="store_true",
+        help="keep the trainings saved in OUTPUT_DIR/pretrained_runs.json",
+    )
+    add(
+        "--render-only",
+        action="store_true",
+        help="train nothing: rewrite the section from the saved runs",
+    )
     add("--no-write", action="store_true")
     add("--section", default="pretrained")
-    add("--title", default="Pretrained embeddings: SVD of the MiniLM token table in the IMDB classifier (issue 15)")
+    add(
+        "--title",
+        default="Pretrained embeddings: SVD of the MiniLM token table in the IMDB classifier (issue 15)",
+    )
     return parser
 
 
@@ -329,14 +440,20 @@ def main(argv=None) -> int:
         rows.append(train_one(example, inputs, args, seed, name, kind, rank))
         if inputs._glove is not None:
             glove_info = inputs._glove[2]
-        seed_stats.write_outputs(args.output_dir, rows, seed_stats.summarize(rows), vars(args), PLOT_KINDS)
+        seed_stats.write_outputs(
+            args.output_dir, rows, seed_stats.summarize(rows), vars(args), PLOT_KINDS
+        )
         write_json(path, {"runs": rows, "glove": glove_info, "command": command})
-        markdown = build_markdown(rows, args, command, glove_info, len(order), time.perf_counter() - started)
+        markdown = build_markdown(
+            rows, args, command, glove_info, len(order), time.perf_counter() - started
+        )
         if not args.no_write:
             update_section(args.section, markdown)
         print(seed_stats.format_table(seed_stats.summarize(rows)), flush=True)
     if rows:
-        markdown = build_markdown(rows, args, command, glove_info, len(order), time.perf_counter() - started)
+        markdown = build_markdown(
+            rows, args, command, glove_info, len(order), time.perf_counter() - started
+        )
         print(markdown)
         if not args.no_write:
             update_section(args.section, markdown)

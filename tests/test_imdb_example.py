@@ -106,9 +106,7 @@ def test_long_reviews_keep_their_last_tokens():
     assert list(arrays["train"][0][1][2:]) == [0, 0, 0]  # padding at the end
 
 
-def test_without_data_or_network_it_trains_on_the_embedded_sample(
-    monkeypatch, tmp_path, capsys
-):
+def test_without_data_or_network_it_trains_on_the_embedded_sample(monkeypatch, tmp_path, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network disabled by the test")
 
@@ -196,7 +194,11 @@ def test_pretrained_glove_file_frozen_full_table_and_svd_ranks(tmp_path):
     )  # fmt: skip
     results = example.run(args)
     rows = {row["model"]: row for row in results["rows"]}
-    assert list(rows) == ["pretrained (frozen)", "pretrained rank 2 (frozen)", "pretrained rank 8 (frozen)"]
+    assert list(rows) == [
+        "pretrained (frozen)",
+        "pretrained rank 2 (frozen)",
+        "pretrained rank 8 (frozen)",
+    ]
     vocab = results["vectorizer"].get_vocabulary()
     assert rows["pretrained (frozen)"]["embedding_params"] == len(vocab) * 384
     assert rows["pretrained rank 8 (frozen)"]["embedding_params"] == len(vocab) * 8 + 8 * 384

@@ -48,6 +48,7 @@ import keras
 from keras_factorized import FactorizedEmbedding
 from keras_factorized.atomic_io import write_text
 from keras_factorized.datasets import imdb
+from keras_factorized.validation import invalid_value
 
 DATA_SEED = 1337  # The train/validation split stays the same whatever --seed is.
 
@@ -72,116 +73,54 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--data",
-        metavar="PATH",
-        help="aclImdb_v1.tar.gz or its extracted aclImdb/ folder "
-        "(default: the full dataset, cached or downloaded, else the embedded sample)",
-    )
+    # fmt: off
+    add("--data", metavar="PATH", help="aclImdb_v1.tar.gz or its extracted aclImdb/ folder "
+        "(default: the full dataset, cached or downloaded, else the embedded sample)")
     add("--max-samples", type=int, metavar="N", help="use only N train and N test reviews")
-    add(
-        "--vocab-size",
-        type=int,
-        default=20000,
-        help="TextVectorization vocabulary (embedding rows)",
-    )
+    add("--vocab-size", type=int, default=20000, help="TextVectorization vocabulary size")
     add("--sequence-length", type=int, default=200, help="tokens kept per review (the last ones)")
     add("--embedding-dim", type=int, default=128, help="embedding width")
     add("--lstm-units", type=int, default=64, help="LSTM units")
-    add(
-        "--ranks",
-        type=int_list,
-        default=[16, 4, 2],
-        help="FactorizedEmbedding ranks trained from scratch",
-    )
-    add(
-        "--svd-ranks",
-        type=int_list,
-        default=[4],
-        help="ranks the trained baseline embedding is compressed to",
-    )
-    add(
-        "--epochs",
-        type=int,
-        default=3,
-        help="maximum epochs (early stopping on validation accuracy)",
-    )
+    add("--ranks", type=int_list, default=[16, 4, 2], help="FactorizedEmbedding ranks")
+    add("--svd-ranks", type=int_list, default=[4], help="SVD ranks of the trained baseline table")
+    add("--epochs", type=int, default=3, help="at most (early stopping on validation accuracy)")
     add("--batch-size", type=int, default=64)
     add("--learning-rate", type=float, default=1e-3, help="Adam learning rate (clipnorm 1.0)")
     add("--svd-epochs", type=int, default=1, help="fine-tuning epochs after SVD compression")
     add("--svd-learning-rate", type=float, default=1e-4, help="learning rate of that fine-tuning")
     add("--seed", type=int, default=0, help="seed of the weights and of the shuffling")
-    add(
-        "--mixed-precision", action="store_true", help="mixed_float16 on GPU, mixed_bfloat16 on CPU"
-    )
-    add(
-        "--strategy",
-        choices=("default", "mirrored", "multiworker"),
-        default="default",
-        help="tf.distribute strategy (TensorFlow backend)",
-    )
-    add(
-        "--lstm-unroll",
-        action="store_true",
-        help="unrolled LSTM (what TFLite builtin ops may need)",
-    )
+    add("--pretrained", metavar="PATH", help="GloVe/word2vec text file, or a BERT preset folder "
+        "(WordPiece tokens): start from these vectors, full and SVD-truncated at each of --ranks")
+    add("--freeze-embedding", action="store_true", help="with --pretrained: a fixed table")
+    add("--rank-tolerance", type=float, default=0.5,
+        help="pick the smallest rank within this many points of the best validation accuracy")
+    add("--mixed-precision", action="store_true", help="mixed_float16 (GPU), mixed_bfloat16 (CPU)")
+    add("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+        help="tf.distribute strategy (TensorFlow backend)")
+    add("--lstm-unroll", action="store_true", help="unrolled LSTM (for TFLite builtin ops)")
     add("--output-dir", default=os.path.join("runs", "imdb"), help="where results.json goes")
-    add(
-        "--export-dir",
-        metavar="DIR",
-        help="export the best factorized model, taking raw text, for TF Serving",
-    )
+    add("--export-dir", metavar="DIR", help="export the best factorized model for TF Serving")
     add("--tflite", metavar="PATH", help="also write the best factorized model as TFLite")
-    add(
-        "--pretrained",
-        metavar="PATH",
-        help="GloVe/word2vec text file, or a BERT preset folder (WordPiece tokens): start "
-        "from these vectors, full and SVD-truncated at each of --ranks (--svd-ranks unused)",
-    )
-    add("--freeze-embedding", action="store_true", help="with --pretrained: do not train the table")
-    add(
-        "--rank-tolerance",
-        type=float,
-        default=0.5,
-        help="pick the smallest rank within this many points of the best validation accuracy",
-    )
     add("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
+    # fmt: on
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Raises a `ValueError` naming the first flag with a value out of range."""
-    positive = (
-        "vocab_size",
-        "sequence_length",
-        "embedding_dim",
-        "lstm_units",
-        "epochs",
-        "batch_size",
-    )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(
-                f"Received an invalid value for `{name}`, expected an integer >= 1. "
-                f"Received: {name}={getattr(args, name)!r}"
-            )
-    if args.max_samples is not None and args.max_samples < 4:
-        raise ValueError(
-            "Received an invalid value for `max_samples`, expected an integer >= 4. "
-            f"Received: max_samples={args.max_samples!r}"
-        )
-    if args.learning_rate <= 0 or args.svd_learning_rate <= 0:
-        raise ValueError(
-            "Received an invalid value for `learning_rate`, expected a float > 0. "
-            f"Received: learning_rate={args.learning_rate!r}"
-        )
+    limits = [(name, 1) for name in ("vocab_size", "sequence_length", "embedding_dim",
+                                     "lstm_units", "epochs", "batch_size")]  # fmt: skip
+    for name, low in limits + [("max_samples", 4)]:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise invalid_value(name, f"an integer >= {low}", value)
+    for name in ("learning_rate", "svd_learning_rate"):
+        if getattr(args, name) <= 0:
+            raise invalid_value(name, "a float > 0", getattr(args, name))
     for name in () if args.pretrained else ("ranks", "svd_ranks"):
         if any(rank > args.embedding_dim for rank in getattr(args, name)):
-            raise ValueError(
-                f"Received an invalid value for `{name}`, expected ranks in "
-                f"[1, {args.embedding_dim}] (the embedding dimension). "
-                f"Received: {name}={getattr(args, name)!r}"
-            )
+            expected = f"ranks in [1, {args.embedding_dim}] (the embedding dimension)"
+            raise invalid_value(name, expected, getattr(args, name))
 
 
 def adapt_vectorizer(data, vocab_size: int):

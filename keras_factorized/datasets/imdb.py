@@ -43,10 +43,10 @@ from keras_factorized.validation import invalid_value
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
-KERAS_IMDB_NPZ_SHA256 = (
-    "69664113be75683a8fe16e3ed0ab59fda8886cb3cd7ada244f7d9544e4676b9f"
+KERAS_IMDB_NPZ_SHA256 = "69664113be75683a8fe16e3ed0ab59fda8886cb3cd7ada244f7d9544e4676b9f"
+SAMPLE_ARCHIVE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "data", "imdb_sample.tar.gz"
 )
-SAMPLE_ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imdb_sample.tar.gz")
 CLASS_NAMES = ("neg", "pos")
 SPLITS = ("train", "test")
 
@@ -106,9 +106,7 @@ def _read_folder(root):
                     "`aclImdb/{train,test}/{neg,pos}/<id>_<rating>.txt`. "
                     f"Received: path={root!r}"
                 )
-            names = sorted(
-                (n for n in os.listdir(folder) if n.endswith(".txt")), key=_sort_key
-            )
+            names = sorted((n for n in os.listdir(folder) if n.endswith(".txt")), key=_sort_key)
             texts = []
             for name in names:
                 with open(os.path.join(folder, name), encoding="utf-8") as f:
@@ -176,9 +174,7 @@ def cached_archive(cache_dir: str | None = None) -> str | None:
             `~/.keras`, as `keras.utils.get_file` does.
     """
     if cache_dir is None:
-        cache_dir = os.environ.get("KERAS_HOME") or os.path.join(
-            os.path.expanduser("~"), ".keras"
-        )
+        cache_dir = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     path = os.path.join(cache_dir, "datasets", "aclImdb_v1.tar.gz")
     return path if os.path.isfile(path) else None
 
@@ -253,7 +249,9 @@ def find_data(
     if download_timeout is not None:
         downloaded, reason = _try_download(cache_dir, download_timeout)
         if downloaded:
-            return Source("download", downloaded, f"IMDB data: the full dataset, downloaded to {downloaded}")
+            return Source(
+                "download", downloaded, f"IMDB data: the full dataset, downloaded to {downloaded}"
+            )
     return Source(
         "sample",
         SAMPLE_ARCHIVE,
@@ -384,9 +382,7 @@ def read_reviews(path: str | None = None, *, cache_dir: str | None = None):
                 )
         texts = reviews[split][0] + reviews[split][1]
         labels = [0] * len(reviews[split][0]) + [1] * len(reviews[split][1])
-        result[split] = Split(
-            np.array(texts, dtype=object), np.array(labels, dtype="int32")
-        )
+        result[split] = Split(np.array(texts, dtype=object), np.array(labels, dtype="int32"))
     return result
 
 
@@ -531,9 +527,7 @@ def load_datasets(
     )
 
     def make(split, shuffle):
-        ds = tf.data.Dataset.from_tensor_slices(
-            (split.texts.astype(str), split.labels)
-        )
+        ds = tf.data.Dataset.from_tensor_slices((split.texts.astype(str), split.labels))
         if shuffle:
             ds = ds.shuffle(len(split.texts), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

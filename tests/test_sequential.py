@@ -176,3 +176,55 @@ def test_identical_calls_give_identical_models():
     second = factorize(model, **kwargs)
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_learned_never_returns_worse_than_its_start_on_held_out_data():
+    from keras_factorized.surgery import DistillationConfig
+
+    model = _linear_mlp()
+    x, held_out = _inputs(128, 24, seed=0), _inputs(128, 24, seed=1)
+    kwargs = dict(rank=3, calibration_data=held_out)
+    start = factorize(model, method="whitened", **kwargs)
+    # A learning rate that wrecks the factors: the start must come back.
+    wrecked = factorize(
+        model,
+        method="learned",
+        distillation=DistillationConfig(data=x, epochs=2, learning_rate=5.0),
+        **kwargs,
+    )
+    expected = _np(model(held_out))
+    err_start = np.linalg.norm(_np(start(held_out)) - expected)
+    err_wrecked = np.linalg.norm(_np(wrecked(held_out)) - expected)
+    assert err_wrecked <= err_start * (1 + 1e-5)
+    assert "kept the factors of the start" in wrecked.factorization_report.notes[-1]
+
+
+def test_blockwise_distillation_lowers_each_block_error():
+    keras_hub = pytest.importorskip("keras_hub")
+    from keras_factorized.surgery import DistillationConfig
+
+    keras.utils.set_random_seed(0)
+    bert = keras_hub.models.BertBackbone(
+        vocabulary_size=100,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=16,
+    )
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(1, 100, size=(64, 16)).astype("int32"),
+        "segment_ids": np.zeros((64, 16), "int32"),
+        "padding_mask": np.ones((64, 16), "int32"),
+    }
+    expected = _np(bert(x)["sequence_output"])
+    kwargs = dict(rank=4, calibration_data=x, include="transformer_layer")
+    start = factorize(bert, method="whitened", **kwargs)
+    config = DistillationConfig(epochs=0, block_epochs=20, learning_rate=1e-2, batch_size=16)
+    trained = factorize(bert, method="learned", distillation=config, **kwargs)
+    assert isinstance(trained, keras_hub.models.BertBackbone)
+    assert "block-wise distillation" in trained.factorization_report.notes[0]
+    err_start = np.linalg.norm(_np(start(x)["sequence_output"]) - expected)
+    err_trained = np.linalg.norm(_np(trained(x)["sequence_output"]) - expected)
+    assert err_trained < err_start

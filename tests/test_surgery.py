@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_factorized import _keras_compat
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
 from keras_factorized import LowRankEinsumDense
+from keras_factorized import _keras_compat
 from keras_factorized import factorize
 from keras_factorized.layers.low_rank_einsum_dense import EinsumFactorization
 
@@ -431,7 +431,7 @@ def test_distillation_config_trains_like_the_legacy_arguments():
     [
         (dict(damping=0.1, whitening="strong"), TypeError, "`whitening`"),
         (dict(damping=-1.0), ValueError, "`damping`"),
-        (dict(distillation_epochs=0), ValueError, "`distillation_epochs`"),
+        (dict(distillation_epochs=-1), ValueError, "`distillation_epochs`"),
         (dict(learning_rate=0.0), ValueError, "`learning_rate`"),
         (dict(unknown_option=1), TypeError, "unknown_option"),
         (dict(filters=3), TypeError, "`filters`"),

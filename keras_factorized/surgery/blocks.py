@@ -18,6 +18,7 @@ import contextlib
 import keras
 import numpy as np
 
+from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import to_numpy
 
 
@@ -103,3 +104,14 @@ def chained(calls_before, calls_after) -> bool:
         before[3] is not None and np.array_equal(before[3], after[0])
         for before, after in zip(calls_before, calls_after)
     )
+
+
+def next_student_calls(new_model, paths, i, block, student_calls, teacher_calls, data_batches):
+    """The calls of block `i + 1` of the compressed `new_model`: block `i`'s
+    outputs when the blocks are chained, else recorded from a run of the model."""
+    if chained(teacher_calls[i], teacher_calls[i + 1]):
+        return [
+            (to_numpy(run_block(block, call)),) + tuple(nxt[1:3]) + (None,)
+            for call, nxt in zip(student_calls, teacher_calls[i + 1])
+        ]
+    return block_calls(new_model, [walk.navigate(new_model, paths[i + 1])], data_batches)[0]

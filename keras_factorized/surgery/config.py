@@ -67,7 +67,11 @@ class DistillationConfig:
     Args:
         data: unlabelled model inputs to distil on (an array, a dict of arrays
             or a `tf.data.Dataset`); default: `factorize`'s `calibration_data`.
-        epochs: passes over `data`.
+        epochs: end-to-end passes over `data` (0: none).
+        block_epochs: block-wise passes over `data` before the end-to-end
+            ones: each block's factors trained to reproduce that block's
+            original outputs from the compressed model's inputs
+            (`surgery.blockwise`).
         learning_rate: peak Adam learning rate (linear warm-up over the first
             10% of the steps, then cosine decay).
         batch_size: batch size for array `data`.
@@ -87,6 +91,7 @@ class DistillationConfig:
 
     data: Any = None
     epochs: int = 2
+    block_epochs: int = 0
     learning_rate: float = 1e-4
     batch_size: int = 32
     outputs: Sequence | None = None
@@ -95,10 +100,10 @@ class DistillationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
+        for name, low in (("epochs", 0), ("block_epochs", 0), ("batch_size", 1)):
             value = getattr(self, name)
-            if not is_integer(value) or value < 1:
-                raise invalid_value(name, "an integer >= 1", value)
+            if not is_integer(value) or value < low:
+                raise invalid_value(name, f"an integer >= {low}", value)
         if (
             not isinstance(self.learning_rate, numbers.Real)
             or isinstance(self.learning_rate, bool)

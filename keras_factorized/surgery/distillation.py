@@ -69,8 +69,25 @@ def _optimizer(learning_rate, steps):
     return keras.optimizers.Adam(schedule)
 
 
-def distill(student, teacher, config, layers, data, verbose=0):
+def _mean_loss(distiller, inputs, targets):
+    return float(
+        np.mean([np.ravel(distiller.test_on_batch(x, y))[0] for x, y in zip(inputs, targets)])
+    )
+
+
+def _teacher_outputs(teacher, inputs, selection):
+    return [
+        [to_numpy(y) for y in select_outputs(teacher(x, training=False), selection)] for x in inputs
+    ]
+
+
+def distill(student, teacher, config, layers, data, verbose=0, validation=None):
     """Trains `layers` of `student` to reproduce `teacher`'s outputs on `data`.
+
+    With `validation` data, the loss on it is measured before training and
+    after each epoch, and `layers` end with the weights of the best of these
+    points: distillation never returns factors worse, on that data, than
+    those it started from.
 
     Args:
         student: the factorized model (trained in place).
@@ -79,22 +96,28 @@ def distill(student, teacher, config, layers, data, verbose=0):
         layers: the layers of `student` to train.
         data: the model inputs (`config.data` or the calibration data).
         verbose: 1 shows a progress bar.
+        validation: held-out model inputs, or `None`.
 
     Returns:
-        The mean loss of each epoch.
+        `(history, held_out)`: the mean training loss of each epoch, and the
+        held-out loss before training and after each epoch (empty without
+        `validation`).
     """
     inputs = list(batches(data, config.batch_size, name="distillation_data"))
-    targets = [
-        [to_numpy(y) for y in select_outputs(teacher(x, training=False), config.outputs)]
-        for x in inputs
-    ]
-    history = []
+    targets = _teacher_outputs(teacher, inputs, config.outputs)
+    held_inputs = list(batches(validation, config.batch_size)) if validation is not None else []
+    held_targets = _teacher_outputs(teacher, held_inputs, config.outputs)
+    history, held_out = [], []
     with only_trainable(student, layers, config.trainable == "all"):
         distiller = _Distiller(student, config.outputs, name="distiller")
         distiller.compile(
             optimizer=_optimizer(config.learning_rate, max(1, config.epochs * len(inputs))),
             loss=[config.loss] * len(targets[0]),
         )
+        trained = distiller.trainable_weights
+        if held_inputs:
+            held_out.append(_mean_loss(distiller, held_inputs, held_targets))
+            best = [np.array(to_numpy(v)) for v in trained]
         progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
         rng = np.random.default_rng(config.seed)
         for _ in range(config.epochs):
@@ -104,4 +127,11 @@ def distill(student, teacher, config, layers, data, verbose=0):
                 losses.append(loss)
                 progbar.add(1, [("loss", loss)])
             history.append(float(np.mean(losses)))
-    return history
+            if held_inputs:
+                held_out.append(_mean_loss(distiller, held_inputs, held_targets))
+                if held_out[-1] <= min(held_out[:-1]):
+                    best = [np.array(to_numpy(v)) for v in trained]
+        if held_inputs:
+            for variable, value in zip(trained, best):
+                variable.assign(value)
+    return history, held_out

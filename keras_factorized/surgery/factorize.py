@@ -50,6 +50,7 @@ import numpy as np
 
 from keras_factorized import data_aware
 from keras_factorized.decomposition import check_rank_arguments
+from keras_factorized.surgery import blockwise
 from keras_factorized.surgery import calibration
 from keras_factorized.surgery import config as config_lib
 from keras_factorized.surgery import copying
@@ -166,7 +167,8 @@ def factorize(
         _refresh_rows(new_model, targets, report, "whitened, sequential")
     if method == "learned":
         data = calibration_data if distillation.data is None else distillation.data
-        _learn(new_model, model, targets, report, distillation, data, verbose)
+        validation = None if distillation.data is None else calibration_data
+        _learn(new_model, model, targets, report, distillation, data, validation, verbose)
     object.__setattr__(new_model, "factorization_report", report)
     return new_model
 
@@ -209,15 +211,35 @@ def _check_arguments(
         raise invalid_value("model", "a built Keras model (call it once or build it)", model)
 
 
-def _learn(new_model, model, targets, report, distillation, data, verbose):
+def _learn(new_model, model, targets, report, distillation, data, validation, verbose):
     """Distils the factors of `new_model`; updates the report's rows."""
+    block_losses = blockwise.blockwise_distill(
+        model, new_model, targets, data, distillation, verbose
+    )
+    if block_losses:
+        report.notes.append(
+            "block-wise distillation loss (mse to each original block's outputs), last "
+            "epoch per block: " + ", ".join(f"{h:.4g}" for h in block_losses)
+        )
+    if distillation.epochs == 0:
+        _refresh_rows(new_model, targets, report, "learned")
+        return
     factorized = [t for t in targets if t.rank is not None]
     layers = [walk.navigate(new_model, t.path) for t in factorized]
-    history = distillation_lib.distill(new_model, model, distillation, layers, data, verbose)
+    history, held_out = distillation_lib.distill(
+        new_model, model, distillation, layers, data, verbose, validation
+    )
     report.notes.append(
         f"distillation loss ({distillation.loss} to the original outputs) per epoch: "
         + ", ".join(f"{h:.4g}" for h in history)
     )
+    if held_out:
+        best = int(np.argmin(held_out))
+        report.notes.append(
+            "held-out loss (calibration data) before and after each epoch: "
+            + ", ".join(f"{h:.4g}" for h in held_out)
+            + f"; kept the factors of {'the start' if best == 0 else f'epoch {best}'}"
+        )
     _refresh_rows(new_model, targets, report, "learned")
 
 

@@ -22,7 +22,6 @@ from keras_factorized import data_aware
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import batches
-from keras_factorized.surgery.calibration import to_numpy
 
 
 def sequential_update(model, new_model, targets, data, batch_size, damping, split, progbar=None):
@@ -64,15 +63,9 @@ def sequential_update(model, new_model, targets, data, batch_size, damping, spli
         )
         if i + 1 == len(paths):
             break
-        if blocks_lib.chained(teacher_calls[i], teacher_calls[i + 1]):
-            student_calls = [
-                (to_numpy(blocks_lib.run_block(student_block, call)),) + tuple(nxt[1:3]) + (None,)
-                for call, nxt in zip(student_calls, teacher_calls[i + 1])
-            ]
-        else:
-            student_calls = blocks_lib.block_calls(
-                new_model, [walk.navigate(new_model, paths[i + 1])], data_batches
-            )[0]
+        student_calls = blocks_lib.next_student_calls(
+            new_model, paths, i, student_block, student_calls, teacher_calls, data_batches
+        )
 
 
 def _layer_inputs(block, layers, calls):

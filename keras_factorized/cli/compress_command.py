@@ -45,11 +45,6 @@ SPLIT_HELP = {
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from keras_factorized import decomposition
-    from keras_factorized import surgery
-
-    whitening, distillation = surgery.WhitenedConfig(), surgery.DistillationConfig()
-
     p = _common.add_command(
         subparsers,
         NAME,
@@ -85,6 +80,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--energy", type=_common.fraction, metavar="E",
         help="per layer, the smallest rank keeping this fraction of the spectral energy, in (0, 1]",
     )
+    _add_method_flags(p)
+    _common.add_quantize_flag(p, "the compressed model (after factorization)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the output file if it exists"
+    )
+    return p
+
+
+def _add_method_flags(p) -> None:
+    """--method and its options, with the choices and defaults of the library."""
+    from keras_factorized import decomposition
+    from keras_factorized import surgery
+
+    whitening, distillation = surgery.WhitenedConfig(), surgery.DistillationConfig()
     p.add_argument(
         "--method", choices=surgery.METHODS, default=surgery.METHODS[0],
         help=_common.choices_help(METHOD_HELP, surgery.METHODS),
@@ -119,11 +128,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--learning-rate", type=_positive_float, default=distillation.learning_rate,
         metavar="LR", help="with --method learned: peak Adam learning rate of the distillation",
     )
-    _common.add_quantize_flag(p, "the compressed model (after factorization)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace the output file if it exists"
-    )
-    return p
 
 
 def _non_negative_float(text: str) -> float:

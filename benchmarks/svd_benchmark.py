@@ -44,6 +44,7 @@ SOLVERS = {
     "tensorflow": "`tf.linalg.svd`",
 }
 SPEED_GOAL = 5.0  # times faster than TruncatedSVD
+OVERHEAD_GOAL = 0.10  # from_matrix over truncated_svd alone, at most (issue 13)
 ERROR_GOAL = 1e-4  # above the optimum, at most
 MEMORY_GOAL = 2.0  # peak (matrix + working memory) / matrix size, below
 
@@ -182,6 +183,60 @@ def worker(solver: str, matrix_path: str, rank: int, repeats: int) -> dict:
     }
 
 
+def overhead_worker(matrix_path: str, rank: int, repeats: int) -> dict:
+    """`FactorizedEmbedding.from_matrix` against `truncated_svd` alone.
+
+    Both on the same matrix, alternately in this process (so a change of load
+    hits both alike): medians and the overhead `from_matrix / svd - 1`.
+    """
+    import gc
+
+    import keras
+
+    from keras_factorized import FactorizedEmbedding
+    from keras_factorized.decomposition import truncated_svd
+
+    matrix = np.load(matrix_path)
+    small = matrix[:256, : min(64, matrix.shape[1])]
+    truncated_svd(small, 8)
+    FactorizedEmbedding.from_matrix(small, 8)  # imports, first variables
+    times = {"truncated_svd": [], "from_matrix": []}
+    for _ in range(repeats):
+        for name in times:
+            gc.collect()
+            start = time.perf_counter()
+            if name == "truncated_svd":
+                out = truncated_svd(matrix, rank)
+            else:
+                out = FactorizedEmbedding.from_matrix(matrix, rank)
+            times[name].append(time.perf_counter() - start)
+            del out
+    medians = {name: float(np.median(values)) for name, values in times.items()}
+    return {
+        "backend": keras.backend.backend(),
+        "seconds": times,
+        "median_seconds": medians,
+        "overhead": medians["from_matrix"] / medians["truncated_svd"] - 1,
+    }
+
+
+def run_overhead(matrix_path: str, rank: int, repeats: int) -> dict:
+    """`overhead_worker` in a fresh Python process."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.svd_benchmark", "--worker", "overhead",
+             "--matrix", matrix_path, "--rank", str(rank), "--repeats", str(repeats),
+             "--json", out],
+            check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)
+
+
 def run_solver(solver: str, matrix_path: str, rank: int, repeats: int) -> dict:
     """Runs `worker` in a fresh Python process and returns its result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -203,7 +258,7 @@ def run_solver(solver: str, matrix_path: str, rank: int, repeats: int) -> dict:
 
 
 def benchmark_matrix(label, matrix, rank, solvers, repeats, verbose=True,
-                     isolate=True) -> dict:
+                     isolate=True, overhead_repeats=0) -> dict:
     """All solvers on one matrix: a dict of results keyed by solver.
 
     With `isolate=False` the solvers run in this process (fast, for smoke
@@ -228,7 +283,15 @@ def benchmark_matrix(label, matrix, rank, solvers, repeats, verbose=True,
                     f"peak +{result['peak_extra_bytes'] / 2**20:.0f} MiB",
                     flush=True,
                 )
+        overhead = None
+        if overhead_repeats:
+            overhead = (run_overhead if isolate else overhead_worker)(
+                path, rank, overhead_repeats)
+            if verbose:
+                print(f"  {label}: from_matrix overhead {overhead['overhead']:+.1%} "
+                      f"({overhead['median_seconds']})", flush=True)
     return {
+        "from_matrix": overhead,
         "label": label,
         "shape": list(matrix.shape),
         "matrix_bytes": int(matrix.nbytes),
@@ -293,6 +356,18 @@ def markdown(runs: list[dict], scale: list[dict], command: str, load: str) -> st
             "",
             markdown_table(headers, rows_),
         ]
+        overhead = run.get("from_matrix")
+        if overhead:
+            med = overhead["median_seconds"]
+            lines += [
+                "",
+                f"`FactorizedEmbedding.from_matrix` ({overhead['backend']} backend) against "
+                f"`truncated_svd` alone, alternately in one process: "
+                f"{_common.fmt_seconds(med['from_matrix'])} against "
+                f"{_common.fmt_seconds(med['truncated_svd'])}, overhead "
+                f"{overhead['overhead']:+.1%} (goal <= {OVERHEAD_GOAL:.0%}: "
+                f"{_common.goal(overhead['overhead'] <= OVERHEAD_GOAL)}).",
+            ]
         if "ours" in res:
             ours = res["ours"]
             checks = [
@@ -333,7 +408,7 @@ def markdown(runs: list[dict], scale: list[dict], command: str, load: str) -> st
 
 def run(quick=False, rows=None, cols=768, rank=128, minilm=True, solvers=None,
         scale=True, write=True, json_path=None, command=None, verbose=True,
-        isolate=True) -> dict:
+        isolate=True, overhead_repeats=None) -> dict:
     """Runs the SVD benchmark; returns its results and writes its section.
 
     Args:
@@ -347,17 +422,22 @@ def run(quick=False, rows=None, cols=768, rank=128, minilm=True, solvers=None,
         json_path: also write the raw results there.
         command: the command line quoted in BENCHMARKS.md.
         isolate: run each solver in its own process (see `benchmark_matrix`).
+        overhead_repeats: rounds of `from_matrix` against `truncated_svd` on
+            the synthetic matrix (default 3, 1 when quick; 0 skips it).
     """
     load = _common.load_average()
     solvers = list(solvers or SOLVERS)
     rows = rows or (50_000 if quick else 250_000)
     repeats = {"ours": 1 if quick else 3, "sklearn": 1 if quick else 2}
+    if overhead_repeats is None:
+        overhead_repeats = 1 if quick else 3
     runs = []
     if verbose:
         print(f"svd: synthetic {rows} x {cols}, rank {rank}", flush=True)
     matrix = decaying_matrix(rows, cols)
     runs.append(benchmark_matrix("Synthetic (decaying spectrum)", matrix, rank,
-                                 solvers, repeats, verbose, isolate))
+                                 solvers, repeats, verbose, isolate,
+                                 overhead_repeats=overhead_repeats))
     del matrix
     path = minilm_embedding_path() if minilm else None
     if path:
@@ -400,6 +480,11 @@ def main(argv=None):
     parser.add_argument("--matrix", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker == "overhead":
+        result = overhead_worker(args.matrix, args.rank, args.repeats)
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+        return
     if args.worker:
         result = worker(args.worker, args.matrix, args.rank, args.repeats)
         with open(args.json, "w") as f:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,3 +116,103 @@ def test_help_lists_the_separate_benchmarks_and_rejects_unknown_names():
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "Received: --only=svd,nope" in bad.stderr
+
+
+# ----------------------------------------------------------------------------
+# Issue 13: large vocabularies, accelerators, SVD initialisation overhead
+
+
+def test_vocab_benchmark_tiny_runs_and_reports_memory(tmp_path):
+    from benchmarks import vocab_benchmark
+
+    result = vocab_benchmark.run(tiny=True, isolate=False, write=False,
+                                 json_path=str(tmp_path / "vocab.json"), verbose=False)
+    runs = {(r["model"], r["optimizer"], r["rank"]): r for r in result["results"]}
+    assert set(runs) == {("lookup", "adam", 0), ("lookup", "adam", 4),
+                         ("two_tower", "adam", 0), ("two_tower", "adam", 4),
+                         ("lookup", "sgd", 4)}
+    for r in runs.values():
+        assert r["step_seconds"] > 0 and np.isfinite(r["loss"])
+    assert runs[("lookup", "adam", 0)]["speedup"] == 1.0
+    assert runs[("lookup", "adam", 4)]["speedup"] is not None
+    assert runs[("lookup", "sgd", 4)]["speedup"] is None  # no SGD Embedding twin
+    # The factorized table holds rank / dim of the full table's rows.
+    assert runs[("lookup", "adam", 4)]["params"] < runs[("lookup", "adam", 0)]["params"]
+    assert json.loads((tmp_path / "vocab.json").read_text())["results"]
+
+    memory = {(m["dim"], m["rank"], m["optimizer"]): m for m in result["memory"]}
+    assert memory[(128, 0, "adam")]["bytes_per_row"] == 128 * 4 * 3
+    assert memory[(128, 16, "adam")]["bytes_per_row"] == 16 * 4 * 3
+    assert memory[(300, 0, "sgd")]["bytes_per_row"] == 300 * 4
+    assert memory[(300, 0, "adam")]["max_rows_24gib"] == 24 * 2**30 // 3600
+    assert "does not fit" in result["markdown"]
+    assert "| lookup |" in result["markdown"]
+
+
+def test_vocab_is_selectable_but_not_in_the_default_suite():
+    from benchmarks.__main__ import BENCHMARKS, _parse
+
+    assert _parse(["--only", "vocab", "--quick"]).only == ["vocab"]
+    assert "vocab" not in BENCHMARKS
+    from benchmarks import vocab_benchmark
+
+    grid = vocab_benchmark.default_grid()
+    assert {(g["backend"], g["rows"]) for g in grid if g["rank"] == 0} >= {
+        ("tensorflow", 3_000_000), ("jax", 3_000_000)}
+    assert {g["rank"] for g in grid} == {0, 8, 16, 32, 64}
+    assert {g["optimizer"] for g in grid} == {"adam", "sgd"}
+    assert {g["dim"] for g in grid} == {128, 300}
+
+
+def test_svd_from_matrix_overhead_is_measured(tmp_path):
+    from benchmarks import svd_benchmark
+
+    matrix = svd_benchmark.decaying_matrix(500, 32)
+    path = str(tmp_path / "m.npy")
+    np.save(path, matrix)
+    out = svd_benchmark.overhead_worker(path, 4, repeats=1)
+    assert set(out["median_seconds"]) == {"truncated_svd", "from_matrix"}
+    assert out["overhead"] == pytest.approx(
+        out["median_seconds"]["from_matrix"] / out["median_seconds"]["truncated_svd"] - 1)
+    run = {"label": "x", "shape": [500, 32], "matrix_bytes": matrix.nbytes, "rank": 4,
+           "optimal_error": 0.5, "results": {}, "from_matrix": out}
+    assert "`FactorizedEmbedding.from_matrix`" in svd_benchmark.markdown([run], [], "c", "1")
+
+
+ACCELERATOR_WITHOUT_TF = """
+import json, sys
+sys.modules["tensorflow"] = None  # as on a GPU machine with JAX but no TensorFlow
+from benchmarks.accelerator import main
+main(["--tiny", "--no-write", "--json", sys.argv[1]])
+loaded = [name for name, module in sys.modules.items()
+          if module is not None and name.split(".")[0] == "tensorflow"]
+assert not loaded, loaded
+"""
+
+
+def test_accelerator_runs_on_jax_without_tensorflow(tmp_path):
+    pytest.importorskip("jax")
+    out = tmp_path / "accelerator.json"
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "KERAS_BACKEND": "jax",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-c", ACCELERATOR_WITHOUT_TF, str(out)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GPU figures not measured" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["device"]["backend"] == "jax"
+    rows = result["rows"]
+    assert {r["policy"] for r in rows} == {"float32", "mixed_float16"}
+    assert {r["model"] for r in rows} >= {"Embedding", "Dense", "LowRankDense rank 4"}
+    imdb = [r for r in rows if r["what"] == "IMDB LSTM"]
+    assert len(imdb) == 4 and all(0 <= r["test_accuracy"] <= 1 for r in imdb)
+    assert imdb[0]["data"] == "sample"
+
+
+def test_accelerator_tokenizer_reserves_padding_and_oov():
+    from benchmarks.accelerator import vectorize
+
+    ids = vectorize(["a a b", "b c"], {"x": ["a b zzz", "c<br />c"]}, vocab=4, length=4)
+    # 0 pads, 1 is out of vocabulary, then the most frequent words: "a", "b".
+    assert ids["x"].tolist() == [[2, 3, 1, 0], [1, 1, 0, 0]]

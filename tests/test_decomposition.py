@@ -205,3 +205,42 @@ def test_low_rank_approximation():
         _eckart_young_error(s, 5),
         atol=1e-10,
     )
+
+
+@pytest.mark.parametrize("split", ["balanced", "left", "right"])
+def test_overwrite_u_gives_the_same_factors_without_a_copy(split):
+    m = np.random.default_rng(3).normal(size=(300, 20)).astype("float32")
+    expected = truncated_svd(m, 5).factors(split)
+    res = truncated_svd(m, 5)
+    a, b = res.factors(split, overwrite_u=True)
+    np.testing.assert_array_equal(a, expected[0])
+    np.testing.assert_array_equal(b, expected[1])
+    assert a.dtype == np.float32
+    if split != "right":
+        assert a is res.u  # scaled in place
+
+
+def test_overwrite_u_keeps_the_promoted_dtype_of_a_copy():
+    u = np.ones((4, 2), dtype="float32")
+    s = np.array([4.0, 1.0])  # float64: the product is float64, so no in place
+    a, _ = decomposition.split_singular_values(u, s, np.ones((2, 3)), "left", overwrite_u=True)
+    assert a.dtype == np.float64 and u[0, 0] == 1.0
+
+
+def test_gram_path_limits_blas_threads_only_around_the_small_steps(monkeypatch):
+    calls = []
+    real = decomposition._one_blas_thread
+
+    def spy():
+        calls.append("one thread")
+        return real()
+
+    monkeypatch.setattr(decomposition, "_one_blas_thread", spy)
+    m = np.random.default_rng(4).normal(size=(400, 30))
+    res = truncated_svd(m, 6, method="gram")
+    assert calls == ["one thread", "one thread"]  # eigh; Rayleigh-Ritz step
+    np.testing.assert_allclose(
+        res.relative_error(),
+        np.sqrt(np.sum(np.linalg.svd(m, compute_uv=False)[6:] ** 2) / np.sum(m**2)),
+        rtol=1e-6,
+    )

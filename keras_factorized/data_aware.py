@@ -12,6 +12,9 @@ This module knows nothing of layers or models. It works on matrices `W`
   take the SVD of `L^T W`, truncate and un-whiten (`A = L^-T U_k S_k^1/2`). This
   is the closed form behind SVD-LLM (arXiv 2403.07378) and the exact optimum of
   the activation-aware objective of ASVD (arXiv 2312.05821).
+- `fitted_factors` refits the factors of a layer to the inputs `X'` a
+  compressed model feeds it, against the original outputs `X W` (the
+  sequential update of SVD-LLM / Dobi-SVD), in closed form.
 - `allocate_ranks` spends one global parameter budget over many matrices,
   one rank at a time where it removes the most error per parameter.
 - `relative_output_error` measures `||X (W - W') + 1 (b - b')|| / ||X W + 1 b||`

@@ -198,7 +198,7 @@ def _imdb_rows(runs):
             tflite_opt = (fmt_bytes(_mean([x["tflite_optimize"] for x in m]))
                           if precision == "float32" else "—")
             table.append([
-                name, precision, f"{_mean(accuracy):.2f}{spread}",
+                name, precision, len(m), f"{_mean(accuracy):.2f}{spread}",
                 fmt_bytes(_mean([x["embedding_bytes"] for x in m])),
                 fmt_bytes(_mean([x["keras"] for x in m])),
                 fmt_bytes(_mean([x["saved_model"] for x in m])),
@@ -224,8 +224,8 @@ def render_imdb(results) -> str:
     lines = [
         "## Int8 embeddings on the IMDB classifier (issue 12)", "",
         f"Command: `{results['command']}`", "",
-        f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}; the table gives means"
-        + (" ± standard deviation" if len(seeds) > 1 else "") + "). "
+        f"Seeds: {', '.join(map(str, seeds))} (the table gives the mean over the seeds "
+        "each model ran with, ± standard deviation when more than one). "
         "Models: the IMDB example's recipe (vocabulary 20,000, 200 tokens, embedding 128, "
         "LSTM(64)), trained in float32; int8 rows quantize the embedding layer of the same "
         "trained model (`layer.quantize(\"int8\")`; the LSTM has no int8 mode, and the "
@@ -233,7 +233,7 @@ def render_imdb(results) -> str:
         "Sizes: the embedding's variables; the `.keras` file without optimizer state; the "
         "SavedModel of `export_for_serving`; the TFLite file of `export_tflite` (batch 1), "
         "and for float models also with TFLite's own dynamic-range int8 (`optimize=True`).",
-        "", markdown_table(["model", "weights", "test accuracy %", "embedding", ".keras",
+        "", markdown_table(["model", "weights", "seeds", "test accuracy %", "embedding", ".keras",
                             "SavedModel", "TFLite", "TFLite optimize=True"], table), "",
     ]
     lines += _imdb_goals(by_name)
@@ -338,6 +338,20 @@ def render_bert(results) -> str:
 # ----------------------------------------------------------------------
 
 
+def merged_results(paths) -> dict:
+    """The results of one or more JSON files; IMDB runs of several files are
+    concatenated (e.g. seeds run by separate processes)."""
+    results = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            results.append(json.load(f))
+    merged = dict(results[0])
+    if "runs" in merged:
+        merged["runs"] = [run for r in results for run in r["runs"]]
+        merged["command"] = "; ".join(dict.fromkeys(r["command"] for r in results))
+    return merged
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quantize_benchmark",
                                      description=__doc__.split("\n\n")[0])
@@ -351,8 +365,9 @@ def build_parser():
     parser.add_argument("--calibration", type=int, default=128, help="BERT: calibration reviews")
     parser.add_argument("--eval", type=int, default=256, help="BERT: evaluation reviews")
     parser.add_argument("--json", default=None, help="results file (default benchmarks/out/)")
-    parser.add_argument("--from-json", action="store_true",
-                        help="re-render the section from --json without running")
+    parser.add_argument("--from-json", nargs="?", const="", default=None, metavar="PATHS",
+                        help="re-render the section without running, from --json or from "
+                        "these comma-separated JSON files of earlier runs (their runs merged)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     return parser
 
@@ -364,10 +379,10 @@ def main(argv=None):
         argv if argv is not None else sys.argv[1:])
     render, section = ((render_imdb, "quantize-imdb") if args.part == "imdb"
                        else (render_bert, "quantize-bert"))
-    if args.from_json:
-        path = args.json or os.path.join(OUT, f"quantize_{args.part}.json")
-        with open(path, encoding="utf-8") as f:
-            markdown = render(json.load(f))
+    if args.from_json is not None:
+        paths = [p for p in args.from_json.split(",") if p] or [
+            args.json or os.path.join(OUT, f"quantize_{args.part}.json")]
+        markdown = render(merged_results(paths))
         if not args.no_write:
             update_section(section, markdown)
         print(markdown)

@@ -29,7 +29,7 @@ import secrets
 import shutil
 import socket
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 
 # renameat2(2) flags (linux/fs.h).
 _RENAME_NOREPLACE = 1

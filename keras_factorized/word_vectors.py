@@ -15,7 +15,8 @@ minutes. Words of the vocabulary that the file lacks are reported.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import numpy as np
 

@@ -18,7 +18,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_factorized import FactorizedEmbedding, LowRankDense
+from keras_factorized import FactorizedEmbedding
+from keras_factorized import LowRankDense
 from keras_factorized.datasets import imdb
 from keras_factorized.word_vectors import load_word_vectors
 

@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from keras_factorized import FactorizedEmbedding, LowRankDense, LowRankEinsumDense  # noqa: E402
+from keras_factorized import FactorizedEmbedding  # noqa: E402
+from keras_factorized import LowRankDense  # noqa: E402
+from keras_factorized import LowRankEinsumDense  # noqa: E402
 
 SETTINGS = dict(
     deadline=None,

@@ -436,7 +436,7 @@ for i in range(1000):
 def check_served_versions(base):
     """Every integer folder is a complete SavedModel serving its own bias."""
     x = np.zeros((1, 6), dtype="float32")
-    versions = sorted((int(n) for n in os.listdir(base) if n.isdigit()))
+    versions = sorted(int(n) for n in os.listdir(base) if n.isdigit())
     for version in versions:
         assert serve(os.path.join(base, str(version)), x)[0, 0] == pytest.approx(
             version - 1, abs=1e-4
@@ -516,7 +516,7 @@ def test_cli_killed_while_saving_keeps_the_previous_output(tmp_path):
     # The next run works and removes the killed writer's temporary file.
     assert main(["compress", str(source), "-o", str(output), "--rank", "2", "--overwrite",
                  "-q"]) == 0
-    assert "LowRankDense" in [type(l).__name__ for l in keras.saving.load_model(output).layers]
+    assert "LowRankDense" in [type(layer).__name__ for layer in keras.saving.load_model(output).layers]
     assert hidden(tmp_path) == []
 
 

@@ -421,8 +421,9 @@ def markdown(results, command, load, plot_path=None) -> str:
                   markdown_table(["what", "goal", "measured", "status"], goal_rows), ""]
     lines += [results_table(results), ""]
     if plot_path:
-        lines += [f"Plot of the scaling rows: `{os.path.relpath(plot_path, os.path.dirname(OUT_DIR))}`"
-                  " (written by the command).", ""]
+        root = os.path.dirname(os.path.dirname(OUT_DIR))
+        lines += [f"Plot of the scaling rows: `{os.path.relpath(plot_path, root)}` (written "
+                  "by the command, not kept in the repository).", ""]
     lines += [
         "Weights and optimizer state per vocabulary row (float32; Adam keeps two "
         "moments per weight; training also holds one dense gradient of the table, "
@@ -446,8 +447,15 @@ def _machine():
 # Entry points
 
 
+def merged(previous, new) -> list[dict]:
+    """`previous` results with those of `new` replacing the runs they repeat."""
+    keys = {_key(r) for r in new}
+    return [r for r in previous if _key(r) not in keys] + list(new)
+
+
 def run(quick=False, tiny=False, grid=None, isolate=True, write=True, json_path=None,
-        plot_path=None, command=None, verbose=True) -> dict:
+        plot_path=None, command=None, verbose=True, backends=BACKENDS,
+        merge=False) -> dict:
     """Runs the benchmark; returns its results and writes its section.
 
     Args:
@@ -460,12 +468,17 @@ def run(quick=False, tiny=False, grid=None, isolate=True, write=True, json_path=
         json_path: also write the raw results there.
         plot_path: where to write the plot (default `benchmarks/out/`).
         command: the command line quoted in BENCHMARKS.md.
+        backends: run only the configs of these backends.
+        merge: keep the other runs of the existing JSON (`json_path`, default
+            `benchmarks/out/vocab.json`) and replace those run again; the
+            section then quotes both commands.
     """
     import keras
 
     load = _common.load_average()
     if grid is None:
         grid = tiny_grid(keras.backend.backend()) if tiny else default_grid(quick)
+        grid = [cfg for cfg in grid if cfg["backend"] in backends]
     results = []
     for cfg in grid:
         start = time.perf_counter()
@@ -478,19 +491,27 @@ def run(quick=False, tiny=False, grid=None, isolate=True, write=True, json_path=
             print(f"  vocab {cfg['backend']} {cfg['rows']:,} x {cfg['dim']} "
                   f"rank {cfg['rank']} {cfg['optimizer']} {cfg['model']}: {status} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if json_path is None and write and not tiny:
+        json_path = os.path.join(OUT_DIR, "vocab.json")
+    previous_command = None
+    if merge and json_path and os.path.exists(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+        results = merged(previous["results"], results)
+        previous_command = previous.get("command")
     results = with_ratios(results)
     if plot_path is None and write and not tiny:
         plot_path = os.path.join(OUT_DIR, "vocab_scaling.png")
     if plot_path:
         plot_path = plot(results, plot_path)
     command = command or "python -m benchmarks --only vocab" + (" --quick" if quick else "")
+    if previous_command:
+        command = f"{previous_command}`, then `{command}"
     text = markdown(results, command, load, plot_path)
     if write:
         update_section("vocab", text)
     result = {"results": results, "memory": memory_rows(), "load_average": load,
-              "markdown": text}
-    if json_path is None and write and not tiny:
-        json_path = os.path.join(OUT_DIR, "vocab.json")
+              "command": command, "markdown": text}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         write_json(json_path,
@@ -502,6 +523,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scaling rows only")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, in-process")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated subset of " + ",".join(BACKENDS))
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only these runs in the existing JSON and section")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -511,8 +536,14 @@ def main(argv=None):
 
         write_text(args.json, json.dumps(measure(json.loads(args.worker))))
         return
+    backends = tuple(b for b in args.backends.split(",") if b)
+    if not backends or set(backends) - set(BACKENDS):
+        parser.error(f"Received an invalid value for `--backends`, expected names among "
+                     f"{','.join(BACKENDS)}. Received: --backends={args.backends}")
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     run(quick=args.quick, tiny=args.tiny, isolate=not args.tiny,
-        write=not args.no_write, json_path=args.json)
+        write=not args.no_write, json_path=args.json, backends=backends, merge=args.merge,
+        command=f"python -m benchmarks.vocab_benchmark {argv_text}".strip())
 
 
 if __name__ == "__main__":

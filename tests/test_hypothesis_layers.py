@@ -25,6 +25,7 @@ from keras_factorized import LowRankEinsumDense  # noqa: E402
 SETTINGS = dict(
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 POLICIES = ["float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16"]

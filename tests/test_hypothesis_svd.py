@@ -25,6 +25,7 @@ BOUNDED = settings(
     max_examples=20,
     deadline=None,
     derandomize=True,  # The same examples on every run: CI failures reproduce.
+    database=None,  # Nothing written into the working tree (.hypothesis/).
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 EXACT_METHODS = ("auto", "gram", "lapack")

@@ -217,13 +217,22 @@ def _layout_table(runs):
     return rows
 
 
+def _commands(results) -> str:
+    commands = results.get("commands")
+    if not commands:
+        return f"Command: `{results['command']}`"
+    return "Commands (their results merged by `--from-json`): " + "; ".join(
+        f"`{command}` (seeds finished: {', '.join(map(str, seeds))})"
+        for command, seeds in commands)
+
+
 def render_imdb(results) -> str:
     runs = results["runs"]
     seeds = sorted({r["seed"] for r in runs})
     table, by_name = _imdb_rows(runs)
     lines = [
         "## Int8 embeddings on the IMDB classifier (issue 12)", "",
-        f"Command: `{results['command']}`", "",
+        _commands(results), "",
         f"Seeds: {', '.join(map(str, seeds))} (the table gives the mean over the seeds "
         "each model ran with, ± standard deviation when more than one). "
         "Models: the IMDB example's recipe (vocabulary 20,000, 200 tokens, embedding 128, "
@@ -236,6 +245,13 @@ def render_imdb(results) -> str:
         "", markdown_table(["model", "weights", "seeds", "test accuracy %", "embedding", ".keras",
                             "SavedModel", "TFLite", "TFLite optimize=True"], table), "",
     ]
+    counts = {name: sorted(r["seed"] for r in mine) for name, mine in by_name.items()}
+    most = max(len(v) for v in counts.values())
+    fewer = [f"{name} (seed {', '.join(map(str, v))})" for name, v in counts.items()
+             if len(v) < most]
+    if fewer:
+        lines += [f"Fewer seeds for {', '.join(fewer)}: the runs of the other seeds trained "
+                  "only the other models, to fit the time budget of a shared 2-core machine.", ""]
     lines += _imdb_goals(by_name)
     lines += ["", "Reconstruction error of the int8 embedding table (seed "
               f"{runs[0]['seed']}): relative Frobenius error of the whole table, and "
@@ -339,16 +355,22 @@ def render_bert(results) -> str:
 
 
 def merged_results(paths) -> dict:
-    """The results of one or more JSON files; IMDB runs of several files are
-    concatenated (e.g. seeds run by separate processes)."""
+    """The results of one or more JSON files; the IMDB runs of several files
+    are concatenated (e.g. seeds run by separate processes), once per model
+    and seed."""
     results = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             results.append(json.load(f))
     merged = dict(results[0])
     if "runs" in merged:
-        merged["runs"] = [run for r in results for run in r["runs"]]
-        merged["command"] = "; ".join(dict.fromkeys(r["command"] for r in results))
+        runs = {}
+        for run in (run for r in results for run in r["runs"]):
+            # A (model, seed) trained by two runs: keep the first (the
+            # training is deterministic: the same seed gives the same model).
+            runs.setdefault((run["model"], run["seed"]), run)
+        merged["runs"] = list(runs.values())
+        merged["commands"] = [(r["command"], r.get("seeds", [])) for r in results]
     return merged
 
 

@@ -312,3 +312,33 @@ def test_quantized_factors_export_to_tflite(tmp_path):
     np.testing.assert_allclose(runner(inputs=ids)["predictions"], want, atol=1e-5)
     # 300 x 4 factor entries: 4800 float32 bytes become 1200 int8 bytes.
     assert os.path.getsize(path) <= os.path.getsize(float_path) - 3000
+
+
+def test_benchmark_renders_merged_runs(tmp_path):
+    import json
+
+    from benchmarks import quantize_benchmark as bench
+
+    def run(model, seed, accuracy):
+        sizes = {"embedding_bytes": 100, "keras": 200, "saved_model": 300, "tflite": 150}
+        layouts = {"ours": {"bytes": 10, "error": 0.01, "row_error_median": 0.01,
+                            "row_error_p99": 0.05}}
+        return {"model": model, "seed": seed, "layouts": layouts,
+                "float32": {**sizes, "test_accuracy": accuracy, "tflite_optimize": 50},
+                "int8": {**sizes, "test_accuracy": accuracy - 0.001}}
+
+    first = {"command": "first", "seeds": [0],
+             "runs": [run("baseline", 0, 0.85), run("rank 4", 0, 0.84), run("baseline", 1, 0.86)]}
+    second = {"command": "second", "seeds": [1], "runs": [run("baseline", 1, 0.5),
+                                                           run("rank 4", 1, 0.86)]}
+    paths = []
+    for i, results in enumerate((first, second)):
+        paths.append(os.path.join(tmp_path, f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(results, f)
+    merged = bench.merged_results(paths)
+    assert len(merged["runs"]) == 4  # (baseline, 1) kept once: the first
+    markdown = bench.render_imdb(merged)
+    assert "`first` (seeds finished: 0); `second` (seeds finished: 1)" in markdown
+    assert "| baseline | float32 | 2 | 85.50 ± 0.71 |" in markdown
+    assert "int8 test accuracy +0.10 points below float rank 4" in markdown

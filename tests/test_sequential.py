@@ -228,3 +228,17 @@ def test_blockwise_distillation_lowers_each_block_error():
     err_start = np.linalg.norm(_np(start(x)["sequence_output"]) - expected)
     err_trained = np.linalg.norm(_np(trained(x)["sequence_output"]) - expected)
     assert err_trained < err_start
+
+
+def test_blockwise_distillation_is_undone_when_it_hurts_held_out_data():
+    from keras_factorized.surgery import DistillationConfig
+
+    model = _linear_mlp()
+    x, held_out = _inputs(128, 24, seed=0), _inputs(128, 24, seed=1)
+    kwargs = dict(rank=3, calibration_data=held_out)
+    start = factorize(model, method="whitened", **kwargs)
+    config = DistillationConfig(data=x, epochs=0, block_epochs=2, learning_rate=5.0)
+    wrecked = factorize(model, method="learned", distillation=config, **kwargs)
+    for a, b in zip(start.get_weights(), wrecked.get_weights()):
+        np.testing.assert_allclose(a, b)
+    assert wrecked.factorization_report.notes[-1].endswith("undone")

@@ -81,6 +81,15 @@ def _teacher_outputs(teacher, inputs, selection):
     ]
 
 
+def held_out_loss(student, teacher, config, data) -> float:
+    """The distillation loss of `student` to `teacher` on `data` (no training)."""
+    inputs = list(batches(data, config.batch_size))
+    targets = _teacher_outputs(teacher, inputs, config.outputs)
+    distiller = _Distiller(student, config.outputs, name="distiller")
+    distiller.compile(loss=[config.loss] * len(targets[0]))
+    return _mean_loss(distiller, inputs, targets)
+
+
 def distill(student, teacher, config, layers, data, verbose=0, validation=None):
     """Trains `layers` of `student` to reproduce `teacher`'s outputs on `data`.
 

@@ -255,19 +255,15 @@ def _check_arguments(
 
 def _learn(new_model, model, targets, report, distillation, data, validation, verbose):
     """Distils the factors of `new_model`; updates the report's rows."""
-    block_losses = blockwise.blockwise_distill(
-        model, new_model, targets, data, distillation, verbose
-    )
-    if block_losses:
-        report.notes.append(
-            "block-wise distillation loss (mse to each original block's outputs), last "
-            "epoch per block: " + ", ".join(f"{h:.4g}" for h in block_losses)
+    factorized = [t for t in targets if t.rank is not None]
+    layers = [walk.navigate(new_model, t.path) for t in factorized]
+    if distillation.block_epochs:
+        _blockwise(
+            new_model, model, targets, layers, report, distillation, data, validation, verbose
         )
     if distillation.epochs == 0:
         _refresh_rows(new_model, targets, report, "learned")
         return
-    factorized = [t for t in targets if t.rank is not None]
-    layers = [walk.navigate(new_model, t.path) for t in factorized]
     history, held_out = distillation_lib.distill(
         new_model, model, distillation, layers, data, verbose, validation
     )
@@ -283,6 +279,31 @@ def _learn(new_model, model, targets, report, distillation, data, validation, ve
             + f"; kept the factors of {'the start' if best == 0 else f'epoch {best}'}"
         )
     _refresh_rows(new_model, targets, report, "learned")
+
+
+def _blockwise(new_model, model, targets, layers, report, distillation, data, validation, verbose):
+    """Block-wise distillation, undone when it raises the held-out loss."""
+    saved = [[np.array(calibration.to_numpy(v)) for v in layer.weights] for layer in layers]
+    before = None
+    if validation is not None:
+        before = distillation_lib.held_out_loss(new_model, model, distillation, validation)
+    losses = blockwise.blockwise_distill(model, new_model, targets, data, distillation, verbose)
+    report.notes.append(
+        "block-wise distillation loss (mse to each original block's outputs), last "
+        "epoch per block: " + ", ".join(f"{h:.4g}" for h in losses)
+    )
+    if before is None:
+        return
+    after = distillation_lib.held_out_loss(new_model, model, distillation, validation)
+    kept = after <= before
+    if not kept:
+        for layer, values in zip(layers, saved):
+            for variable, value in zip(layer.weights, values):
+                variable.assign(value)
+    report.notes.append(
+        f"block-wise held-out loss (calibration data): {before:.4g} -> {after:.4g}; "
+        + ("kept" if kept else "undone")
+    )
 
 
 def _refresh_rows(new_model, targets, report, note):

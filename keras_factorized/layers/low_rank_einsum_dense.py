@@ -232,7 +232,7 @@ class LowRankEinsumDense(LowRankLayer):
                 "kernel_shape", "the shape of the `EinsumDense` kernel when `a` and "
                 "`b` are 2-D", kernel_shape)
         layer = cls(equation, output_shape, int(a.shape[-1]), **kwargs)
-        layer.build(factorization.input_shape(tuple(kernel_shape)))
+        layer.build(factorization.input_shape(tuple(kernel_shape), layer.partial_output_shape))
         if layer.bias is not None and bias is None:
             raise validation.invalid_value(
                 "bias", f"a bias of shape {tuple(layer.bias.shape)} "
@@ -318,7 +318,7 @@ class LowRankEinsumDense(LowRankLayer):
         )
 
     def _dense_build_shape(self):
-        return self._factorization.input_shape(self.kernel_shape)
+        return self._factorization.input_shape(self.kernel_shape, self.partial_output_shape)
 
     def _kernel_from_matrix(self, matrix):
         return self._factorization.from_matrix(matrix, self.kernel_shape)

@@ -21,6 +21,7 @@ from _pytest.doctest import DoctestItem
 TENSORFLOW_ONLY_MODULES = [
     "keras_factorized/export.py",
     "keras_factorized/distribute.py",
+    "keras_factorized/tflite.py",
 ]
 
 # Never collected: `python -m keras_factorized` entry point.

@@ -32,7 +32,7 @@ from keras_factorized.version import __version__
 # on the JAX and torch backends.
 _TENSORFLOW_ONLY = {
     "export_for_serving": "keras_factorized.export",
-    "export_tflite": "keras_factorized.export",
+    "export_tflite": "keras_factorized.tflite",
     "get_strategy": "keras_factorized.distribute",
 }
 

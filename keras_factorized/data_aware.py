@@ -32,12 +32,7 @@ import numpy as np
 import scipy.linalg
 
 from keras_factorized.decomposition import split_singular_values
-
-
-def _invalid(name, expected, value):
-    return ValueError(
-        f"Received an invalid value for `{name}`, expected {expected}. Received: {name}={value!r}"
-    )
+from keras_factorized.validation import invalid_value
 
 
 class ActivationStatistics:
@@ -65,7 +60,7 @@ class ActivationStatistics:
         """Adds the rows of `x` (any array whose last axis has `dim` features)."""
         x = np.asarray(x)
         if x.shape[-1] != self.dim:
-            raise _invalid(
+            raise invalid_value(
                 "x",
                 f"an array whose last axis has {self.dim} features",
                 f"an array of shape {x.shape}",
@@ -127,7 +122,7 @@ def whitening_factor(scatter: np.ndarray, damping: float = 0.01) -> np.ndarray:
     eigenvalue square root with the negative eigenvalues clipped.
     """
     if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or damping < 0:
-        raise _invalid("damping", "a number >= 0", damping)
+        raise invalid_value("damping", "a number >= 0", damping)
     scatter = np.asarray(scatter, dtype=np.float64)
     diag_mean = float(np.mean(np.diag(scatter)))
     reg = damping * diag_mean if diag_mean > 0 else 1.0
@@ -183,15 +178,15 @@ def whitened_svd(
     """
     w = np.asarray(kernel, dtype=np.float64)
     if w.ndim != 2:
-        raise _invalid("kernel", "a 2-D matrix", f"an array of shape {w.shape}")
+        raise invalid_value("kernel", "a 2-D matrix", f"an array of shape {w.shape}")
     if isinstance(statistics, ActivationStatistics):
         if statistics.count == 0:
-            raise _invalid("statistics", "statistics of at least one input row", "empty statistics")
+            raise invalid_value("statistics", "statistics of at least one input row", "empty statistics")
         scatter = statistics.scatter(center=center)
     else:
         scatter = np.asarray(statistics, dtype=np.float64)
     if scatter.shape != (w.shape[0], w.shape[0]):
-        raise _invalid(
+        raise invalid_value(
             "statistics", f"a ({w.shape[0]}, {w.shape[0]}) second moment", f"shape {scatter.shape}"
         )
     root = whitening_factor(scatter, damping)
@@ -259,14 +254,14 @@ def fitted_factors(
     """
     w = np.asarray(kernel, dtype=np.float64)
     if w.ndim != 2:
-        raise _invalid("kernel", "a 2-D matrix", f"an array of shape {w.shape}")
+        raise invalid_value("kernel", "a 2-D matrix", f"an array of shape {w.shape}")
     m = w.shape[0]
     for name, value in (("input_gram", input_gram), ("cross", cross)):
         if np.shape(value) != (m, m):
-            raise _invalid(name, f"a ({m}, {m}) matrix", f"shape {np.shape(value)}")
+            raise invalid_value(name, f"a ({m}, {m}) matrix", f"shape {np.shape(value)}")
     k = int(rank)
     if not 1 <= k <= min(w.shape):
-        raise _invalid("rank", f"an integer in [1, {min(w.shape)}]", rank)
+        raise invalid_value("rank", f"an integer in [1, {min(w.shape)}]", rank)
     gram = np.asarray(input_gram, np.float64)
     root = whitening_factor(gram, damping)
     # The damping pulls the product towards `W` (not towards 0, as a ridge
@@ -346,12 +341,12 @@ def allocate_ranks(
     """
     n = len(gains)
     if len(costs) != n:
-        raise _invalid("costs", f"a sequence of {n} costs (one per matrix)", list(costs))
+        raise invalid_value("costs", f"a sequence of {n} costs (one per matrix)", list(costs))
     max_ranks = [len(g) for g in gains] if max_ranks is None else list(max_ranks)
     ranks = [min(min_rank, mr) for mr in max_ranks]
     spent = float(sum(c * r for c, r in zip(costs, ranks)))
     if spent > budget:
-        raise _invalid(
+        raise invalid_value(
             "budget",
             f"at least {int(spent)} parameters (rank {min_rank} everywhere)",
             budget,

@@ -35,6 +35,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse
 
+from keras_factorized.validation import invalid_value
+
 METHODS = ("auto", "gram", "lapack", "randomized", "arpack", "tensorflow", "keras")
 SPLITS = ("balanced", "left", "right")
 
@@ -84,11 +86,6 @@ class SVDResult(NamedTuple):
         )
 
 
-def _invalid(name, expected, value):
-    return ValueError(
-        f"Received an invalid value for `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
-    )
 
 
 def _is_integer(value) -> bool:
@@ -99,7 +96,7 @@ def validate_rank(rank, shape) -> int:
     """Checks that `rank` is an integer in `[1, min(shape)]` and returns it."""
     max_rank = int(min(shape))
     if not _is_integer(rank) or not 1 <= rank <= max_rank:
-        raise _invalid("rank", f"an integer in [1, {max_rank}]", rank)
+        raise invalid_value("rank", f"an integer in [1, {max_rank}]", rank)
     return int(rank)
 
 
@@ -130,7 +127,7 @@ def rank_for_param_ratio(shape, param_ratio: float) -> int:
         or isinstance(param_ratio, bool)
         or not 0 < param_ratio <= 1
     ):
-        raise _invalid("param_ratio", "a number in (0, 1]", param_ratio)
+        raise invalid_value("param_ratio", "a number in (0, 1]", param_ratio)
     m, n = (int(d) for d in shape)
     rank = int(math.floor(param_ratio * m * n / (m + n)))
     return max(1, min(rank, m, n))
@@ -160,7 +157,7 @@ def rank_for_energy(singular_values, energy: float, frobenius_norm_sq=None) -> i
         or isinstance(energy, bool)
         or not 0 < energy <= 1
     ):
-        raise _invalid("energy", "a number in (0, 1]", energy)
+        raise invalid_value("energy", "a number in (0, 1]", energy)
     sq = np.square(np.asarray(singular_values, dtype=np.float64))
     total = float(np.sum(sq)) if frobenius_norm_sq is None else float(frobenius_norm_sq)
     if total == 0:
@@ -209,7 +206,7 @@ def resolve_rank(
     """
     check_rank_arguments(rank, energy, param_ratio)
     if len(shape) != 2:
-        raise _invalid("shape", "a 2-D shape (m, n)", tuple(shape))
+        raise invalid_value("shape", "a 2-D shape (m, n)", tuple(shape))
     if rank is not None:
         return validate_rank(rank, shape)
     if param_ratio is not None:
@@ -240,7 +237,7 @@ def split_singular_values(u, s, vt, split: str = "balanced", *, overwrite_u=Fals
         The tuple `(A, B)`.
     """
     if split not in SPLITS:
-        raise _invalid("split", f"one of {SPLITS}", split)
+        raise invalid_value("split", f"one of {SPLITS}", split)
     if split == "right":
         return u, s[:, None] * vt
     root = np.sqrt(s) if split == "balanced" else s
@@ -261,7 +258,7 @@ def _check_matrix(matrix):
     """Returns a 2-D float numpy array or scipy sparse matrix, or raises."""
     if scipy.sparse.issparse(matrix):
         if matrix.ndim != 2:
-            raise _invalid("matrix", "a 2-D matrix", f"shape {matrix.shape}")
+            raise invalid_value("matrix", "a 2-D matrix", f"shape {matrix.shape}")
         data = matrix.data
         if not np.all(np.isfinite(data)):
             raise ValueError(
@@ -278,9 +275,9 @@ def _check_matrix(matrix):
         matrix = keras.ops.convert_to_numpy(matrix)
     array = np.asarray(matrix)
     if array.ndim != 2:
-        raise _invalid("matrix", "a 2-D matrix", f"an array of shape {array.shape}")
+        raise invalid_value("matrix", "a 2-D matrix", f"an array of shape {array.shape}")
     if array.size == 0:
-        raise _invalid("matrix", "a non-empty matrix", f"an array of shape {array.shape}")
+        raise invalid_value("matrix", "a non-empty matrix", f"an array of shape {array.shape}")
     if not np.issubdtype(array.dtype, np.floating):
         if np.issubdtype(array.dtype, np.number):
             array = array.astype(np.float64)
@@ -524,7 +521,7 @@ def truncated_svd(
     True
     """
     if method not in METHODS:
-        raise _invalid("method", f"one of {METHODS}", method)
+        raise invalid_value("method", f"one of {METHODS}", method)
     check_rank_arguments(rank, energy, param_ratio)
     matrix = _check_matrix(matrix)
     shape = matrix.shape
@@ -532,7 +529,7 @@ def truncated_svd(
     if method == "auto":
         method = _choose_method(matrix)
     if method in ("gram", "lapack", "tensorflow", "keras") and scipy.sparse.issparse(matrix):
-        raise _invalid(
+        raise invalid_value(
             "method", "'auto', 'randomized' or 'arpack' for a sparse matrix", method
         )
     # The Gram path gets `||M||_F^2` for free from its Gram matrix.

@@ -20,6 +20,8 @@ from dataclasses import field
 
 import numpy as np
 
+from keras_factorized.validation import invalid_value
+
 
 @dataclass
 class WordVectors:
@@ -61,11 +63,6 @@ class WordVectors:
         return text
 
 
-def _invalid(name, value, expected):
-    return ValueError(
-        f"Received an invalid value for `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
-    )
 
 
 def _split_word(line: bytes):
@@ -145,7 +142,7 @@ def load_word_vectors(
     ((5, 2), ['meh'])
     """
     if oov_initializer not in ("zeros", "normal"):
-        raise _invalid("oov_initializer", oov_initializer, 'one of "zeros", "normal"')
+        raise invalid_value("oov_initializer", 'one of "zeros", "normal"', oov_initializer)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(
@@ -154,7 +151,7 @@ def load_word_vectors(
         )
     vocabulary = [str(w) for w in vocabulary]
     if not vocabulary:
-        raise _invalid("vocabulary", vocabulary, "a non-empty sequence of words")
+        raise invalid_value("vocabulary", "a non-empty sequence of words", vocabulary)
     # Keys are bytes so that lines of words we skip are never decoded.
     wanted = {}
     for index, word in enumerate(vocabulary):

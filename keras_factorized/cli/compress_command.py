@@ -25,6 +25,7 @@ METHOD_HELP = {
     ),
 }
 ALLOCATION_HELP = {
+    "auto": "sensitivity when --calibration data is given, greedy otherwise",
     "greedy": "spends the budget where it removes the most error per parameter",
     "uniform": "gives every layer the same ratio",
     "sensitivity": (

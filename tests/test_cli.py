@@ -618,6 +618,22 @@ def test_export_failure_leaves_no_folder(capsys, workdir, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []  # the folders it created are gone too
 
 
+def test_export_failure_keeps_a_version_published_meanwhile(capsys, workdir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    from keras_factorized import export
+
+    def concurrent_then_broken(model, export_dir, version=None, **kwargs):
+        # Another process publishes version 1 into the folder this call made.
+        os.makedirs(os.path.join(export_dir, "1"))
+        open(os.path.join(export_dir, "1", "saved_model.pb"), "wb").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "export_for_serving", concurrent_then_broken)
+    code, _, err = _run(capsys, ["export", workdir / "tiny.keras", tmp_path / "a" / "serving", "-q"])
+    assert code == 1
+    assert (tmp_path / "a" / "serving" / "1" / "saved_model.pb").exists()
+
+
 # ---------------------------------------------------------------- sweep
 
 

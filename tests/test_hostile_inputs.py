@@ -288,8 +288,6 @@ def test_broken_imdb_archive_is_a_clear_error_and_extracts_nothing(tmp_path, kin
     assert os.listdir(target) == []  # No half-extracted temporary left either.
 
 
-@pytest.mark.xfail(strict=True, reason="exit 2 and nothing written, but the message is 5 "
-                   "lines: datasets/imdb.py embeds tarfile's multi-line ReadError")
 def test_broken_imdb_archive_in_the_cli_exit_2_writes_nothing(tmp_path, capsys):
     archive = tmp_path / "aclImdb_v1.tar.gz"
     archive.write_bytes(b"not a tar file")

@@ -75,7 +75,7 @@ def run(args) -> int:
         )
     except BaseException as e:
         if first_new is not None:
-            shutil.rmtree(first_new, ignore_errors=True)
+            _remove_unless_published(first_new)
         if isinstance(e, FileExistsError):
             raise UsageError(
                 f"version {args.version} already exists in {args.export_dir}; pass "
@@ -87,3 +87,12 @@ def run(args) -> int:
     bar.update(1)
     print(f"Wrote SavedModel {version_dir}")
     return 0
+
+
+def _remove_unless_published(folder: str) -> None:
+    """Removes the folders this call created, unless a concurrent export has
+    meanwhile published a version (a numbered folder) inside them."""
+    for _, names, _ in os.walk(folder):
+        if any(name.isdigit() for name in names):
+            return
+    shutil.rmtree(folder, ignore_errors=True)

@@ -31,7 +31,6 @@ import re
 import shutil
 import socket
 import tarfile
-import tempfile
 import threading
 import urllib.request
 import zlib
@@ -39,6 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from keras_factorized import atomic_io
 from keras_factorized.validation import invalid_value
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -81,6 +81,11 @@ class Source(NamedTuple):
     path: str
     message: str
 
+
+
+def _first_line(error) -> str:
+    """The first line of an error's message (tarfile's can span several)."""
+    return (str(error).strip().splitlines() or [""])[0]
 
 def _sort_key(name):
     # `123_8.txt` -> 123: the numeric id gives the same order from folders and archives.
@@ -132,7 +137,7 @@ def _read_archive(path):
     except (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
         raise ValueError(
             f"Could not read the IMDB archive {path!r}: it is corrupt or "
-            f"incomplete ({type(e).__name__}: {e}). If it was downloaded, "
+            f"incomplete ({type(e).__name__}: {_first_line(e)}). If it was downloaded, "
             "delete it and run again to download a fresh copy. "
             f"Received: path={path!r}"
         ) from e
@@ -329,7 +334,11 @@ def extract(archive: str, directory: str) -> str:
     if os.path.isdir(target):
         return target
     os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=directory, prefix=".aclImdb-", suffix=".part")
+    # Leftovers of killed extractions on this host go first; the work folder
+    # is renamed into place only when complete, and never over a folder that a
+    # concurrent extraction published meanwhile (that one is used instead).
+    atomic_io.remove_stale_parts(directory, "aclImdb")
+    tmp = atomic_io.temporary_directory(directory, "aclImdb")
     try:
         try:
             with tarfile.open(archive, "r:*") as tar:
@@ -337,11 +346,16 @@ def extract(archive: str, directory: str) -> str:
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ValueError(
                 f"Could not extract the IMDB archive {archive!r}: it is corrupt "
-                f"or incomplete ({type(e).__name__}: {e}). "
+                f"or incomplete ({type(e).__name__}: {_first_line(e)}). "
                 f"Received: archive={archive!r}"
             ) from e
         _read_folder(tmp)  # Raises if the archive lacks a split or a class.
-        os.replace(os.path.join(tmp, "aclImdb"), target)
+        atomic_io.fsync_tree(os.path.join(tmp, "aclImdb"))
+        try:
+            atomic_io.rename_no_replace(os.path.join(tmp, "aclImdb"), target)
+        except FileExistsError:
+            if not os.path.isdir(target):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

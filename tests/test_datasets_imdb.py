@@ -254,3 +254,19 @@ def test_full_shared_archive():
     data = imdb.load_data(SHARED)
     assert [len(s.texts) for s in data] == [20000, 5000, 25000]
     assert data.test.labels.mean() == 0.5
+
+
+def test_extract_uses_the_folder_a_concurrent_extraction_published(tmp_path, monkeypatch):
+    target = tmp_path / "aclImdb"
+    real_read_folder = imdb._read_folder
+
+    def other_process_wins(folder):
+        result = real_read_folder(folder)
+        shutil.copytree(os.path.join(folder, "aclImdb"), target)  # published meanwhile
+        (target / "marker").write_text("theirs")
+        return result
+
+    monkeypatch.setattr(imdb, "_read_folder", other_process_wins)
+    assert imdb.extract(FIXTURE, str(tmp_path)) == str(target)
+    assert (target / "marker").read_text() == "theirs"  # not replaced
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no leftovers

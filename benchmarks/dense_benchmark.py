@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-
 from benchmarks import _common
-from benchmarks.report import machine_description, markdown_table, update_section, write_json
+from benchmarks.report import machine_description
+from benchmarks.report import markdown_table
+from benchmarks.report import update_section
+from benchmarks.report import write_json
 
 SPEEDUP_GOAL = 0.75  # of the theoretical speedup, at batch >= GOAL_BATCH
 GOAL_BATCH = 64

@@ -21,7 +21,10 @@ import numpy as np
 
 from benchmarks import _common
 from benchmarks.examples import load_example
-from benchmarks.report import machine_description, markdown_table, update_section, write_json
+from benchmarks.report import machine_description
+from benchmarks.report import markdown_table
+from benchmarks.report import update_section
+from benchmarks.report import write_json
 
 TRAIN_GOAL = 1.3  # training step, at most this times the Embedding's
 MERGED_GOAL = 1.05  # merged inference "equal": within the timing noise

@@ -38,7 +38,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 from benchmarks.examples import load_example  # noqa: E402
-from benchmarks.report import machine_description, markdown_table, update_section  # noqa: E402
+from benchmarks.report import machine_description  # noqa: E402
+from benchmarks.report import markdown_table  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "imdb_fixture", "aclImdb_mini.tar.gz")
@@ -98,11 +100,9 @@ def run(args) -> str:
     import keras
     import tensorflow as tf
 
-    from keras_factorized.export import (
-        export_for_serving,
-        export_tflite,
-        merge_factorized_layers,
-    )
+    from keras_factorized.export import export_for_serving
+    from keras_factorized.export import export_tflite
+    from keras_factorized.export import merge_factorized_layers
 
     build_classifier = load_example("imdb_lstm").build_model
 

@@ -20,7 +20,10 @@ import tempfile
 
 from benchmarks import _common
 from benchmarks.examples import load_example
-from benchmarks.report import machine_description, markdown_table, update_section, write_json
+from benchmarks.report import machine_description
+from benchmarks.report import markdown_table
+from benchmarks.report import update_section
+from benchmarks.report import write_json
 
 
 def _folder_bytes(path: str) -> int:

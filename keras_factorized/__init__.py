@@ -20,12 +20,37 @@ from keras_factorized.layers import LowRankDense
 from keras_factorized.layers import LowRankEinsumDense
 from keras_factorized.layers import LowRankLayer
 from keras_factorized.registry import register_factorization
-from keras_factorized.surgery import FactorizationReport
 from keras_factorized.surgery import DistillationConfig
+from keras_factorized.surgery import FactorizationReport
 from keras_factorized.surgery import WhitenedConfig
 from keras_factorized.surgery import factorize
 from keras_factorized.surgery import merge
 from keras_factorized.version import __version__
+
+__all__ = [
+    "DistillationConfig",
+    "FactorizationReport",
+    "FactorizedEmbedding",
+    "LowRankDense",
+    "LowRankEinsumDense",
+    "LowRankLayer",
+    "SVDResult",
+    "WhitenedConfig",
+    "__version__",
+    "export_for_serving",
+    "export_tflite",
+    "factorize",
+    "factorized_param_count",
+    "get_strategy",
+    "low_rank_approximation",
+    "merge",
+    "rank_for_energy",
+    "rank_for_param_ratio",
+    "register_factorization",
+    "resolve_rank",
+    "split_singular_values",
+    "truncated_svd",
+]
 
 # TensorFlow-only deployment helpers (keras_factorized.export/.distribute),
 # imported on first use so that the package imports without TensorFlow work

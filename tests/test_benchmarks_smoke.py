@@ -150,7 +150,8 @@ def test_vocab_benchmark_tiny_runs_and_reports_memory(tmp_path):
 
 
 def test_vocab_is_selectable_but_not_in_the_default_suite():
-    from benchmarks.__main__ import BENCHMARKS, _parse
+    from benchmarks.__main__ import BENCHMARKS
+    from benchmarks.__main__ import _parse
 
     assert _parse(["--only", "vocab", "--quick"]).only == ["vocab"]
     assert "vocab" not in BENCHMARKS

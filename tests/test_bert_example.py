@@ -13,8 +13,8 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from keras_factorized import _keras_compat  # noqa: E402
 from keras_factorized import LowRankEinsumDense  # noqa: E402
+from keras_factorized import _keras_compat  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "bert_reparameterize", "bert_reparameterize.py")

@@ -19,7 +19,8 @@ if keras.backend.backend() != "tensorflow":
 
 import tensorflow as tf  # noqa: E402
 
-from keras_factorized import FactorizedEmbedding, LowRankDense  # noqa: E402
+from keras_factorized import FactorizedEmbedding  # noqa: E402
+from keras_factorized import LowRankDense  # noqa: E402
 from keras_factorized import export  # noqa: E402
 
 SEQUENCE_LENGTH = 12

@@ -11,7 +11,9 @@ if keras.backend.backend() != "tensorflow":
 
 import tensorflow as tf  # noqa: E402
 
-from keras_factorized import FactorizedEmbedding, LowRankDense, LowRankEinsumDense  # noqa: E402
+from keras_factorized import FactorizedEmbedding  # noqa: E402
+from keras_factorized import LowRankDense  # noqa: E402
+from keras_factorized import LowRankEinsumDense  # noqa: E402
 from keras_factorized.export import export_for_serving  # noqa: E402
 
 

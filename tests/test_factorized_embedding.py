@@ -3,10 +3,10 @@ import os
 import keras
 import numpy as np
 import pytest
-from keras_factorized._keras_compat import testing_test_case
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import truncated_svd
+from keras_factorized._keras_compat import testing_test_case
 
 
 class FactorizedEmbeddingLayerTest(testing_test_case()):

@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_factorized import FactorizedEmbedding, LowRankDense
+from keras_factorized import FactorizedEmbedding
+from keras_factorized import LowRankDense
 
 
 def test_from_factors_holds_the_arrays_and_keeps_the_config():

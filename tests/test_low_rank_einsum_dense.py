@@ -3,9 +3,9 @@ import os
 import keras
 import numpy as np
 import pytest
-from keras_factorized._keras_compat import testing_test_case
 
 from keras_factorized import LowRankEinsumDense
+from keras_factorized._keras_compat import testing_test_case
 from keras_factorized.layers.low_rank_einsum_dense import EinsumFactorization
 
 # (equation, output_shape, bias_axes, input shape): Transformer Q/K/V, attention

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from keras_factorized import registry
-from keras_factorized.layers import FactorizedEmbedding, LowRankDense, LowRankEinsumDense
+from keras_factorized.layers import FactorizedEmbedding
+from keras_factorized.layers import LowRankDense
+from keras_factorized.layers import LowRankEinsumDense
 
 
 def _built(layer, shape):

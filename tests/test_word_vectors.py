@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 
 from keras_factorized import word_vectors
-from keras_factorized.word_vectors import (
-    factorized_embedding_from_word_vectors,
-    load_word_vectors,
-)
+from keras_factorized.word_vectors import factorized_embedding_from_word_vectors
+from keras_factorized.word_vectors import load_word_vectors
 
 VOCAB = ["", "[UNK]", "good", "bad", "movie", "zzz"]
 

@@ -6,11 +6,16 @@ import numbers
 
 import keras
 import numpy as np
-from keras import activations, constraints, initializers, ops, regularizers
+from keras import activations
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
 
 from keras_factorized import validation
 from keras_factorized.layers.base import LowRankLayer
-from keras_factorized.layers.einsum_shapes import EinsumFactorization, einsum_shapes
+from keras_factorized.layers.einsum_shapes import EinsumFactorization
+from keras_factorized.layers.einsum_shapes import einsum_shapes
 
 __all__ = ["EinsumFactorization", "LowRankEinsumDense"]
 

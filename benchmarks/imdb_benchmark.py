@@ -83,13 +83,9 @@ def _fmt_acc(row):
     )
 
 
-def build_markdown(results, args, command, word_vectors=None, elapsed=None):
-    summary = results["summary"]
-    by_name = {row["model"]: row for row in summary}
-    base = by_name["baseline"]
-    base_acc = 100 * base["test_accuracy_mean"]
+def _header_lines(args, command, elapsed):
     seeds = ",".join(str(s) for s in args.seeds)
-    lines = [
+    return [
         f"## {args.title}",
         "",
         f"Command: `{command}`",
@@ -109,6 +105,9 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
         "Sizes: `.keras` files without optimizer state.",
         "",
     ]
+
+
+def _summary_table_lines(summary, base_acc):
     headers = [
         "model", "embedding params", "total params", "compression (embedding)",
         "test accuracy % (mean ± std, min-max)", "Δ vs baseline (points)",
@@ -124,9 +123,13 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
             f"{row['time_per_epoch_s']:.0f}", f"{row['epochs_trained_mean']:.1f}",
             f"{row['model_size_bytes'] / 1e6:.2f} MB",
         ])
-    lines += [markdown_table(headers, rows), ""]
+    return [markdown_table(headers, rows), ""]
 
-    svd_rows = [r for r in results["rows"] if r["kind"] == "svd"]
+
+def _run_notes_lines(runs, args):
+    """SVD rows before fine-tuning, the epoch budget, and per-seed accuracies."""
+    lines = []
+    svd_rows = [r for r in runs if r["kind"] == "svd"]
     if svd_rows:
         lines += [
             "SVD compression before fine-tuning (mean over seeds): "
@@ -137,7 +140,7 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
             + ".",
             "",
         ]
-    trained = [r for r in results["rows"] if r["kind"] != "svd" and r["val_accuracy_history"]]
+    trained = [r for r in runs if r["kind"] != "svd" and r["val_accuracy_history"]]
     at_last = [
         r for r in trained
         if len(r["val_accuracy_history"]) == args.epochs
@@ -153,16 +156,17 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
         "",
     ]
     per_seed = {}
-    for r in results["rows"]:
+    for r in runs:
         per_seed.setdefault(r["model"], []).append(f"{100 * r['test_accuracy']:.2f}")
-    lines += [
+    return lines + [
         "Per-seed test accuracy (%): "
         + "; ".join(f"{name}: {', '.join(v)}" for name, v in per_seed.items())
         + ".",
         "",
-        "### Goals of issue 3",
-        "",
     ]
+
+
+def _goal_lines(by_name, base_acc):
     goal_rows = [[
         f"baseline >= {BASELINE_GOAL:.0f}% test", f"{base_acc:.2f}%",
         "met" if base_acc >= BASELINE_GOAL else f"missed by {BASELINE_GOAL - base_acc:.2f} points",
@@ -178,9 +182,17 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
             f"{delta:+.2f} points",
             "met" if met else f"missed by {-delta - tolerance:.2f} points",
         ])
-    lines += [markdown_table(["goal", "measured", "status"], goal_rows), ""]
+    return ["### Goals of issue 3", "", markdown_table(["goal", "measured", "status"], goal_rows), ""]
 
-    lines += [
+
+def _tensor_train_lines(summary, args):
+    tt_rows = [[name, f"{c}x", acc, "Hrinchuk et al."] for name, c, acc in TT_POINTS]
+    for row in summary:
+        tt_rows.append([
+            f"ours: {row['model']}", f"{row['compression']:.0f}x",
+            f"{100 * row['test_accuracy_mean']:.1f}", "this benchmark",
+        ])
+    return [
         "### Against tensor-train embeddings (Hrinchuk et al. 2020, Table 1)",
         "",
         "Their IMDB model is a 25000x256 embedding + LSTM; ours is "
@@ -188,26 +200,34 @@ def build_markdown(results, args, command, word_vectors=None, elapsed=None):
         f"{args.sequence_length} tokens, so absolute accuracies are not directly comparable: "
         "compare each method's drop from its own full embedding, and the compression.",
         "",
+        markdown_table(["model", "embedding compression", "test accuracy %", "source"], tt_rows),
+        "",
     ]
-    tt_rows = [[name, f"{c}x", acc, "Hrinchuk et al."] for name, c, acc in TT_POINTS]
-    for row in summary:
-        tt_rows.append([
-            f"ours: {row['model']}", f"{row['compression']:.0f}x",
-            f"{100 * row['test_accuracy_mean']:.1f}", "this benchmark",
-        ])
-    lines += [markdown_table(["model", "embedding compression", "test accuracy %", "source"], tt_rows), ""]
 
+
+def _word_vector_lines(wv):
+    return [
+        "### Word-vector loading",
+        "",
+        f"`load_word_vectors` on a synthetic GloVe text file of {wv['n_words']:,} words x "
+        f"{wv['dim']} dimensions ({wv['bytes'] / 1e9:.2f} GB) for a 20,000-word vocabulary: "
+        f"{wv['ours_s']:.1f} s, against {wv['naive_s']:.1f} s for parsing every line into a "
+        f"dict ({wv['naive_s'] / wv['ours_s']:.1f}x faster; same run).",
+        "",
+    ]
+
+
+def build_markdown(results, args, command, word_vectors=None, elapsed=None):
+    summary = results["summary"]
+    by_name = {row["model"]: row for row in summary}
+    base_acc = 100 * by_name["baseline"]["test_accuracy_mean"]
+    lines = _header_lines(args, command, elapsed)
+    lines += _summary_table_lines(summary, base_acc)
+    lines += _run_notes_lines(results["rows"], args)
+    lines += _goal_lines(by_name, base_acc)
+    lines += _tensor_train_lines(summary, args)
     if word_vectors:
-        wv = word_vectors
-        lines += [
-            "### Word-vector loading",
-            "",
-            f"`load_word_vectors` on a synthetic GloVe text file of {wv['n_words']:,} words x "
-            f"{wv['dim']} dimensions ({wv['bytes'] / 1e9:.2f} GB) for a 20,000-word vocabulary: "
-            f"{wv['ours_s']:.1f} s, against {wv['naive_s']:.1f} s for parsing every line into a "
-            f"dict ({wv['naive_s'] / wv['ours_s']:.1f}x faster; same run).",
-            "",
-        ]
+        lines += _word_vector_lines(word_vectors)
     return "\n".join(lines)
 
 

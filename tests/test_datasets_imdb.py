@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from keras_factorized.datasets import imdb
+from keras_factorized.datasets import imdb_archive
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "data", "imdb_fixture", "aclImdb_mini.tar.gz")
@@ -258,7 +259,7 @@ def test_full_shared_archive():
 
 def test_extract_uses_the_folder_a_concurrent_extraction_published(tmp_path, monkeypatch):
     target = tmp_path / "aclImdb"
-    real_read_folder = imdb._read_folder
+    real_read_folder = imdb_archive.read_folder
 
     def other_process_wins(folder):
         result = real_read_folder(folder)
@@ -266,7 +267,7 @@ def test_extract_uses_the_folder_a_concurrent_extraction_published(tmp_path, mon
         (target / "marker").write_text("theirs")
         return result
 
-    monkeypatch.setattr(imdb, "_read_folder", other_process_wins)
+    monkeypatch.setattr(imdb_archive, "read_folder", other_process_wins)
     assert imdb.extract(FIXTURE, str(tmp_path)) == str(target)
     assert (target / "marker").read_text() == "theirs"  # not replaced
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no leftovers

@@ -96,7 +96,12 @@ def saved_model_cli_show(saved_model_dir: str) -> str:
     return completed.stdout.strip()
 
 
-def run(args) -> str:
+def _slug(label: str) -> str:
+    return label.replace(" ", "_").replace(",", "")
+
+
+def export_variants(work: str, batch: np.ndarray) -> tuple[dict, dict, dict]:
+    """Exports each variant; returns its sizes and its serving/TFLite callables."""
     import keras
     import tensorflow as tf
 
@@ -105,15 +110,6 @@ def run(args) -> str:
     from keras_factorized.export import merge_factorized_layers
 
     build_classifier = load_example("imdb_lstm").build_model
-
-    load = os.getloadavg()[0]
-    work = args.output_dir or tempfile.mkdtemp(prefix="export-benchmark-")
-    os.makedirs(work, exist_ok=True)
-    rng = np.random.default_rng(0)
-    batch = rng.integers(1, VOCAB, (args.batch_size, LENGTH)).astype("int32")
-    batch[:, 150:] = 0  # padded tails, as short reviews have
-    single = batch[:1]
-
     variants = [("full Embedding", None, False)]
     for rank in RANKS:
         variants += [(f"rank {rank}, factored", rank, False), (f"rank {rank}, merged", rank, True)]
@@ -123,17 +119,17 @@ def run(args) -> str:
         keras.utils.set_random_seed(0)
         model = build_classifier(VOCAB, LENGTH, EMBEDDING, LSTM, rank=rank)
         start = time.perf_counter()
-        version = export_for_serving(model, os.path.join(work, "serving", label.replace(" ", "_").replace(",", "")), merge_factors=merge)
+        version = export_for_serving(model, os.path.join(work, "serving", _slug(label)), merge_factors=merge)
         export_seconds = time.perf_counter() - start
         signature = tf.saved_model.load(version).signatures["serving_default"]
         ids = tf.constant(batch)
         serving[label] = lambda s=signature, x=ids: s(inputs=x)["predictions"].numpy()
-        path = export_tflite(model, os.path.join(work, f"{label.replace(' ', '_').replace(',', '')}.tflite"), merge_factors=merge)
+        path = export_tflite(model, os.path.join(work, f"{_slug(label)}.tflite"), merge_factors=merge)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             interpreter = tf.lite.Interpreter(model_path=path)
         runner = interpreter.get_signature_runner("serving_default")
-        tflite[label] = lambda r=runner: r(inputs=single)["predictions"]
+        tflite[label] = lambda r=runner, x=batch[:1]: r(inputs=x)["predictions"]
         exported = merge_factorized_layers(model) if merge else model
         rows[label] = dict(
             params=exported.get_layer("embedding").count_params(),
@@ -142,9 +138,10 @@ def run(args) -> str:
             export_seconds=export_seconds,
         )
         print(f"{label}: SavedModel {rows[label]['saved_model']:,} B, TFLite {rows[label]['tflite']:,} B", flush=True)
+    return rows, serving, tflite
 
-    serving_times = time_round_robin(serving, args.repeats)
-    tflite_times = time_round_robin(tflite, args.repeats * 5)
+
+def size_and_latency_table(rows: dict, serving_times: dict, tflite_times: dict) -> list[list[str]]:
     base = "full Embedding"
     table = []
     for label, row in rows.items():
@@ -157,31 +154,42 @@ def run(args) -> str:
             f"{row['tflite'] / 1e6:.2f} MB",
             f"{tflite_times[label] / tflite_times[base]:.2f}x",
         ])
+    return table
 
-    def shrink(rank):
-        return f"{rows[base]['saved_model'] / rows[f'rank {rank}, factored']['saved_model']:.1f}x"
 
-    # The IMDB model with its TextVectorization: the raw-text signature.
+def raw_text_signature_listing(work: str) -> str:
+    """`saved_model_cli show` of the IMDB model exported with its TextVectorization."""
+    import keras
+
+    from keras_factorized.export import export_for_serving
+
     keras.utils.set_random_seed(0)
     vectorizer = keras.layers.TextVectorization(max_tokens=VOCAB, output_sequence_length=LENGTH)
     vectorizer.adapt(fixture_texts())
-    imdb = build_classifier(VOCAB, LENGTH, EMBEDDING, LSTM, rank=16)
+    imdb = load_example("imdb_lstm").build_model(VOCAB, LENGTH, EMBEDDING, LSTM, rank=16)
     imdb_dir = export_for_serving(imdb, os.path.join(work, "imdb"), text_vectorizer=vectorizer)
     cli = saved_model_cli_show(imdb_dir)
     # Keep the signatures and the op list; drop the Python-side listing of
     # the restored functions, which TF Serving does not use.
     cli = re.split(r"\n+Concrete Functions:", cli)[0]
     # The op list is a Python set: sort it so that reruns give the same text.
-    cli = re.sub(
+    return re.sub(
         r"\{('[^}]*')\}",
         lambda m: "{" + ", ".join(sorted(m.group(1).split(", "))) + "}",
         cli,
     )
 
+
+def build_markdown(args, rows: dict, table: list, cli: str, load: float) -> str:
+    base = "full Embedding"
+
+    def shrink(rank):
+        return f"{rows[base]['saved_model'] / rows[f'rank {rank}, factored']['saved_model']:.1f}x"
+
     command = "python -m benchmarks.export_benchmark"
     if args.repeats != 30 or args.batch_size != 32:
         command += f" --repeats {args.repeats} --batch-size {args.batch_size}"
-    markdown = "\n".join([
+    return "\n".join([
         "## Export: SavedModel (TF Serving) and TFLite",
         "",
         f"Command: `{command}`  ",
@@ -221,6 +229,21 @@ def run(args) -> str:
         cli,
         "```",
     ])
+
+
+def run(args) -> str:
+    load = os.getloadavg()[0]
+    work = args.output_dir or tempfile.mkdtemp(prefix="export-benchmark-")
+    os.makedirs(work, exist_ok=True)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(1, VOCAB, (args.batch_size, LENGTH)).astype("int32")
+    batch[:, 150:] = 0  # padded tails, as short reviews have
+
+    rows, serving, tflite = export_variants(work, batch)
+    serving_times = time_round_robin(serving, args.repeats)
+    tflite_times = time_round_robin(tflite, args.repeats * 5)
+    table = size_and_latency_table(rows, serving_times, tflite_times)
+    markdown = build_markdown(args, rows, table, raw_text_signature_listing(work), load)
     update_section("export", markdown)
     print(markdown)
     return markdown

@@ -26,7 +26,6 @@ Methods of `truncated_svd`:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import NamedTuple
@@ -35,6 +34,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse
 
+from keras_factorized.gram_svd import svd_gram as _svd_gram
 from keras_factorized.validation import invalid_value
 
 METHODS = ("auto", "gram", "lapack", "randomized", "arpack", "tensorflow", "keras")
@@ -333,100 +333,6 @@ def _frobenius_sq(matrix) -> float:
         chunk = flat[start : start + step].astype(np.float64)
         total += float(chunk @ chunk)
     return total
-
-
-def _one_blas_thread():
-    """A context in which BLAS runs on one thread (when threadpoolctl is there).
-
-    The Gram path runs its two big products (`M^T M` and `M V`, one BLAS call
-    each) on the library's default threads and everything else in this
-    context: LAPACK's symmetric eigensolver makes thousands of small BLAS
-    calls, and the row-block products after pass 2 are small too; with more
-    threads than free cores (a shared machine) each such call waits for its
-    threads to be scheduled. Measured on 2 loaded cores with OpenBLAS's
-    default 2 threads (250,000 x 768, rank 128): the float64 `Y^T Y` took
-    8.9 s on 2 threads and 1.3 s on one, `eigh` of the Gram matrix 3.8 s and
-    0.9 s, while the big `M V` ran 2.6x faster on 2 threads.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency of scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
-
-
-def _gram_float64(y, block_rows=4096):
-    """`y.T @ y` accumulated in float64, converting `y` one row block at a time."""
-    if y.dtype == np.float64:
-        return y.T @ y
-    gram = np.zeros((y.shape[1], y.shape[1]))
-    for start in range(0, y.shape[0], block_rows):
-        block = y[start : start + block_rows].astype(np.float64)
-        gram += block.T @ block
-    return gram
-
-
-def _svd_gram(matrix, rank):
-    """Exact truncated SVD of a dense matrix through its Gram matrix.
-
-    Two passes over `matrix` (one for `M^T M`, one for `M V`); the rest works
-    on `n x n` and `k x k` matrices. Measured on a 250,000 x 768 float32
-    matrix at rank 128 (shared 2-core machine, one BLAS thread), it ran 6x
-    faster than scikit-learn's randomized `TruncatedSVD` and 15x faster than
-    `numpy.linalg.svd`, at the optimal error (`python -m benchmarks --only svd`);
-    with OpenBLAS's default 2 threads on the same machine under a load
-    average of about 17, 3.7x and 13x.
-
-    Returns:
-        `(u, s, vt, frobenius_norm_sq)`; `||M||_F^2` is the trace of the Gram
-        matrix, which saves a third pass over `matrix`.
-    """
-    transpose = matrix.shape[0] < matrix.shape[1]
-    m = matrix.T if transpose else matrix
-    dtype = m.dtype
-    # Pass 1: `m.T @ m` of a C- or F-ordered array is one BLAS `syrk` (half the
-    # work of a general product), in the input precision.
-    gram = (m.T @ m).astype(np.float64)
-    frob = float(np.trace(gram))
-    n = gram.shape[0]
-    with _one_blas_thread():
-        _, vecs = scipy.linalg.eigh(
-            gram, subset_by_index=(n - rank, n - 1), driver="evr", check_finite=False
-        )
-    v = np.ascontiguousarray(vecs[:, ::-1])
-    # Pass 2: Y = M V spans the left subspace. A Rayleigh-Ritz step on Y (the
-    # eigen-decomposition of the small k x k matrix Y^T Y, accumulated in
-    # float64) gives orthonormal U and accurate singular values, which the
-    # squared condition number of the Gram matrix alone would not. Y and U stay
-    # in the input precision, and Y^T Y is summed over row blocks: converting
-    # the whole tall Y to float64 took longer than the float32 product itself.
-    y = m @ v.astype(dtype)
-    with _one_blas_thread():
-        u, s, vt = _rayleigh_ritz(y, v, dtype)
-    del y
-    if transpose:
-        u, vt = vt.T, u.T
-    return u, s.astype(dtype), vt, frob
-
-
-def _rayleigh_ritz(y, v, dtype):
-    """`U, s, V^T` from `Y = M V` (overwritten with `U` when full rank)."""
-    small_gram = _gram_float64(y)
-    sq, w = scipy.linalg.eigh(small_gram, check_finite=False)
-    sq, w = sq[::-1], w[:, ::-1]
-    s = np.sqrt(np.clip(sq, 0.0, None))
-    if s[-1] <= s[0] * np.sqrt(np.finfo(dtype).eps):
-        # Rank < k (or nearly): U is not defined by Y alone there; QR completes
-        # it with an orthonormal basis.
-        q, r = scipy.linalg.qr(y.astype(np.float64), mode="economic", check_finite=False)
-        ur, s, wt = scipy.linalg.svd(r, check_finite=False)
-        return (q @ ur).astype(dtype), s, (wt @ v.T).astype(dtype)
-    # U = Y W S^-1, written over Y one row block at a time (no second tall
-    # array).
-    rotation = (w / s[None, :]).astype(dtype)
-    for start in range(0, y.shape[0], 4096):
-        y[start : start + 4096] = y[start : start + 4096] @ rotation
-    return y, s, (v @ w).T.astype(dtype)
 
 
 def _svd_lapack(matrix, rank):

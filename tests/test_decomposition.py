@@ -4,6 +4,7 @@ import pytest
 import scipy.sparse
 
 from keras_factorized import decomposition
+from keras_factorized import gram_svd
 from keras_factorized.decomposition import truncated_svd
 
 EXACT_METHODS = ["gram", "lapack", "tensorflow", "keras"]
@@ -229,13 +230,13 @@ def test_overwrite_u_keeps_the_promoted_dtype_of_a_copy():
 
 def test_gram_path_limits_blas_threads_only_around_the_small_steps(monkeypatch):
     calls = []
-    real = decomposition._one_blas_thread
+    real = gram_svd._one_blas_thread
 
     def spy():
         calls.append("one thread")
         return real()
 
-    monkeypatch.setattr(decomposition, "_one_blas_thread", spy)
+    monkeypatch.setattr(gram_svd, "_one_blas_thread", spy)
     m = np.random.default_rng(4).normal(size=(400, 30))
     res = truncated_svd(m, 6, method="gram")
     assert calls == ["one thread", "one thread"]  # eigh; Rayleigh-Ritz step

@@ -14,11 +14,13 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck  # noqa: E402
+from hypothesis import assume  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from keras_factorized import decomposition  # noqa: E402
+from keras_factorized import gram_svd  # noqa: E402
 from keras_factorized.decomposition import truncated_svd  # noqa: E402
 
 BOUNDED = settings(
@@ -52,9 +54,9 @@ def matrices(draw, max_side=24):
             # matrix by a power of ten that float32 can still hold.
             matrix *= 10.0 ** rng.uniform(-4, 4, size=(m, 1))
             matrix *= 10.0 ** rng.uniform(-4, 4, size=(1, n))
-            # float32 stays within 1e-12..1e12 overall: beyond, the Gram
-            # path over- or underflows (see the xfail tests at the end).
-            low, high = (-12, 8) if dtype == np.float32 else (-100, 100)
+            # float32 within 1e-36..1e36 overall (the Gram path scales
+            # what it cannot square; see the float32 tests at the end).
+            low, high = (-20, 20) if dtype == np.float32 else (-100, 100)
             matrix *= 10.0 ** draw(st.integers(low, high))
     return matrix.astype(dtype), kind
 
@@ -201,10 +203,45 @@ def test_two_ways_of_choosing_the_rank_are_refused():
 
 
 # Found by `test_error_is_the_eckart_young_optimum` with a wider scale range:
-# the Gram path (the default up to 4,096 columns) squares float32 entries in
-# float32, so entries above ~1e19 overflow (an IndexError instead of a result)
-# and entries below ~1e-20 underflow (an error well above the optimum).
-@pytest.mark.xfail(strict=True, reason="float32 Gram overflow in decomposition._svd_gram")
+# the Gram path (the default up to 8,192 columns) squared float32 entries in
+# float32, so entries above ~1e19 overflowed (an IndexError instead of a
+# result) and entries below ~1e-20 underflowed (an error well above the
+# optimum). It now scales such a matrix by a power of two; the oracle is
+# LAPACK's SVD of the same entries in float64.
+@BOUNDED
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    exponent=st.one_of(st.integers(-44, -15), st.integers(15, 37)),
+    fraction=st.floats(0, 1),
+)
+def test_float32_gram_path_at_any_scale_matches_the_float64_oracle(
+    seed, shape, exponent, fraction
+):
+    rng = np.random.default_rng(seed)
+    matrix = (rng.uniform(-1, 1, size=shape) * 10.0**exponent).astype(np.float32)
+    assume(np.any(matrix))  # Below ~1e-45 every entry rounds to zero.
+    rank = 1 + int(fraction * (min(shape) - 1))
+    result = truncated_svd(matrix, rank=rank, method="gram")
+    assert result.s.dtype == np.float32
+    assert np.all(np.isfinite(result.u)) and np.all(np.isfinite(result.vt))
+    exact = matrix.astype(np.float64)
+    oracle = np.linalg.svd(exact, compute_uv=False)
+    norm = float(np.linalg.norm(oracle))
+    # Relative to ||M||: float32 keeps ~7 digits, the Gram path about half of
+    # them for the smallest singular values (as in `tolerance`); subnormal
+    # inputs (exponent < -38) are exact in float64 too, so the same holds.
+    np.testing.assert_allclose(
+        result.s.astype(np.float64), oracle[:rank], rtol=0, atol=1e-2 * norm
+    )
+    assert result.frobenius_norm_sq == pytest.approx(norm**2, rel=1e-5)
+    approx = (result.u.astype(np.float64) * result.s.astype(np.float64)) @ result.vt.astype(
+        np.float64
+    )
+    error = float(np.linalg.norm(exact - approx))
+    assert error == pytest.approx(optimal_error(matrix, rank), abs=tolerance(matrix))
+
+
 def test_float32_gram_path_with_huge_entries():
     matrix = (np.random.default_rng(0).normal(size=(20, 10)) * 1e20).astype(np.float32)
     result = truncated_svd(matrix, rank=3, method="gram")
@@ -213,10 +250,26 @@ def test_float32_gram_path_with_huge_entries():
     assert error == pytest.approx(optimal_error(matrix, 3), rel=1e-4, abs=0)
 
 
-@pytest.mark.xfail(strict=True, reason="float32 Gram underflow in decomposition._svd_gram")
 def test_float32_gram_path_with_tiny_entries():
     matrix = (np.random.default_rng(0).normal(size=(20, 10)) * 1e-30).astype(np.float32)
     result = truncated_svd(matrix, rank=3, method="gram")
     approx = (result.u.astype(np.float64) * result.s) @ result.vt.astype(np.float64)
     error = np.linalg.norm(matrix - approx)
     assert error == pytest.approx(optimal_error(matrix, 3), rel=1e-2, abs=0)
+
+
+def test_gram_path_leaves_a_matrix_within_range_unscaled(monkeypatch):
+    """The scaled passes run only when the trace says the Gram went out of range."""
+    calls = []
+    real = gram_svd._scaled_gram
+
+    def spy(m, scale):
+        calls.append(scale)
+        return real(m, scale)
+
+    monkeypatch.setattr(gram_svd, "_scaled_gram", spy)
+    rng = np.random.default_rng(1)
+    truncated_svd(rng.normal(size=(50, 8)).astype(np.float32), rank=2, method="gram")
+    assert calls == []
+    truncated_svd((rng.normal(size=(50, 8)) * 1e25).astype(np.float32), rank=2, method="gram")
+    assert len(calls) == 1 and math.frexp(calls[0])[0] == 0.5  # a power of two

@@ -64,10 +64,15 @@ def recording_inputs(layers_and_statistics, input_rows):
 
             def call(inputs, *args, _stats=statistics, _key=key, _call=original_call, **kwargs):
                 cache_key = (id(inputs), _key)
-                if cache_key not in cache:
+                if cache_key not in cache or cache[cache_key][0] is not inputs:
                     rows = input_rows(_key, to_numpy(inputs)).astype(np.float32)
-                    cache[cache_key] = (rows.T @ rows, rows.sum(0, dtype=np.float64), rows.shape[0])
-                gram, total, count = cache[cache_key]
+                    # `inputs` is kept so that its id is not reused by a later
+                    # tensor of the batch (it was: wrong, history-dependent
+                    # statistics for attention outputs on JAX).
+                    cache[cache_key] = (
+                        inputs, rows.T @ rows, rows.sum(0, dtype=np.float64), rows.shape[0]
+                    )
+                _, gram, total, count = cache[cache_key]
                 _stats.gram += gram
                 _stats.sum += total
                 _stats.count += count

@@ -170,6 +170,58 @@ def test_export_strategy_and_mixed_precision_flags(monkeypatch, tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
 
 
+def test_quantize_adds_int8_rows_with_smaller_embeddings(monkeypatch, tmp_path, capsys):
+    from keras_factorized import export
+
+    def fake_serving(model, export_dir, **kwargs):
+        version = os.path.join(export_dir, "1")
+        os.makedirs(version)
+        with open(os.path.join(version, "saved_model.pb"), "wb") as f:
+            f.write(b"x" * (100 + model.get_layer("embedding").count_params()))
+        return version
+
+    def fake_tflite(model, path):
+        with open(path, "wb") as f:
+            f.write(b"x" * example.embedding_bytes(model))
+
+    monkeypatch.setattr(export, "export_for_serving", fake_serving)
+    monkeypatch.setattr(export, "export_tflite", fake_tflite)
+    args = parse(
+        ["--data", FIXTURE, "--max-samples", "40", "--ranks", "2", "--svd-ranks", "",
+         "--quantize", "int8", "--export-dir", str(tmp_path / "serving"),
+         "--tflite", str(tmp_path / "m.tflite"), "--output-dir", str(tmp_path)] + TINY
+    )  # fmt: skip
+    results = example.run(args)
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == ["baseline", "baseline int8", "rank 2", "rank 2 int8"]
+    # Float32: 4 bytes an entry. Int8: 1 byte an entry, plus float32 scales:
+    # one per row of the table (Keras's Embedding), one per column of B (ours).
+    assert rows["baseline"]["embedding_bytes"] == 4 * 300 * 8
+    assert rows["baseline int8"]["embedding_bytes"] == 300 * 8 + 4 * 300
+    assert rows["rank 2"]["embedding_bytes"] == 4 * 616
+    assert rows["rank 2 int8"]["embedding_bytes"] == 616 + 4 * 8
+    for name in ("baseline", "rank 2"):
+        row = rows[f"{name} int8"]
+        assert row["precision"] == "int8" and row["quantized_from"] == name
+        assert rows[name]["precision"] == "float32"
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["model_size_bytes"] > 0
+        assert row["total_params"] == rows[name]["total_params"]
+    assert results["models"]["rank 2 int8"].get_layer("embedding").quantization_mode == "int8"
+    assert results["models"]["rank 2"].get_layer("embedding").quantization_mode is None
+    # The best factorized model is exported float and int8, side by side.
+    assert (tmp_path / "serving" / "1").is_dir() and (tmp_path / "serving_int8" / "1").is_dir()
+    assert rows["rank 2 int8"]["tflite_bytes"] == os.path.getsize(tmp_path / "m_int8.tflite")
+    assert rows["rank 2 int8"]["tflite_bytes"] < rows["rank 2"]["tflite_bytes"]
+    assert rows["rank 2"]["saved_model_bytes"] == 100 + 616
+    assert "tflite_bytes" not in rows["baseline"]
+    assert results["rank_choice"]["model"] == "rank 2"  # int8 rows are not candidates
+    out = capsys.readouterr().out
+    assert "emb. bytes" in out and "TFLite" in out
+    assert [r["model"] for r in json.load(open(results["results_json"]))["runs"]] == list(rows)
+    with pytest.raises(SystemExit):
+        parse(["--quantize", "int4"])
+
+
 def test_saved_size_excludes_optimizer_state():
     model = example.build_model(2000, 10, 32, 4)
     example.train(

@@ -18,6 +18,11 @@ table and its truncated SVD at each rank of `--ranks`
 (`FactorizedEmbedding.from_matrix`), fine-tuned or, with
 `--freeze-embedding`, frozen.
 
+With `--quantize int8`, each trained model is also evaluated with its
+embedding quantized to int8 (`layer.quantize("int8")`): the table gains a row
+per model with the bytes of its embedding and of its `.keras` file (and, with
+`--export-dir`/`--tflite`, of the exported files).
+
 It prints a table (parameters, compression, test accuracy, `.keras` size),
 picks the smallest rank whose validation accuracy is within
 `--rank-tolerance` points of the best (choosing the rank by validation, never
@@ -28,6 +33,7 @@ of 4,000 real reviews shipped with keras-factorized; it says which.
     python examples/imdb_lstm/imdb_lstm.py
     python examples/imdb_lstm/imdb_lstm.py --data aclImdb_v1.tar.gz --ranks 16,4 --epochs 3
     python examples/imdb_lstm/imdb_lstm.py --pretrained glove.6B.100d.txt --ranks 8,32 --freeze-embedding
+    python examples/imdb_lstm/imdb_lstm.py --ranks 4 --quantize int8 --tflite imdb.tflite
 
 Statistics over several seeds, tables and plots: `benchmarks/imdb_benchmark.py`.
 """
@@ -44,10 +50,12 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized.atomic_io import write_text
 from keras_factorized.datasets import imdb
+from keras_factorized.layers.factor_quantization import SUPPORTED_MODES as QUANTIZE_MODES
 from keras_factorized.validation import invalid_value
 
 DATA_SEED = 1337  # The train/validation split stays the same whatever --seed is.
@@ -101,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output-dir", default=os.path.join("runs", "imdb"), help="where results.json goes")
     add("--export-dir", metavar="DIR", help="export the best factorized model for TF Serving")
     add("--tflite", metavar="PATH", help="also write the best factorized model as TFLite")
+    add("--quantize", choices=QUANTIZE_MODES, metavar="MODE", help="also evaluate every trained "
+        f"model with its embedding quantized to MODE ({', '.join(QUANTIZE_MODES)}; "
+        "`layer.quantize`): the table gains a row per model with its test accuracy and the "
+        "bytes of its embedding and .keras file; with --export-dir/--tflite the best "
+        "factorized model is also exported quantized, next to the float one (DIR_MODE, "
+        "NAME_MODE.tflite), and both files' sizes are shown")
     add("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity")
     # fmt: on
     return parser
@@ -289,6 +303,50 @@ def saved_size(model) -> int:
         return os.path.getsize(path)
 
 
+def embedding_bytes(model) -> int:
+    """Bytes of the variables of `model`'s embedding layer (an int8 entry is one byte)."""
+    return sum(
+        int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        for v in model.get_layer("embedding").weights
+    )
+
+
+def quantized_copy(model, mode: str):
+    """A copy of the trained `model` whose embedding layer is quantized to `mode`.
+
+    Only the embedding: the LSTM has no quantized mode, and the 65-weight
+    classifier stays float so that the TFLite file keeps builtin ops.
+    """
+    copy = model.__class__.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    copy.get_layer("embedding").quantize(mode)
+    copy.compile(loss="binary_crossentropy", metrics=["accuracy"])
+    return copy
+
+
+def with_quantized(trained, arrays, args) -> list:
+    """`trained` with, after each `(row, model)`, the row of its `--quantize` copy."""
+    result = []
+    for row, model in trained:
+        row.update(precision="float32", embedding_bytes=embedding_bytes(model))
+        copy = quantized_copy(model, args.quantize)
+        name = f"{row['model']} {args.quantize}"
+        # Same parameters (entries of the weights), fewer bytes.
+        same = ("kind", "rank", "seed", "embedding_params", "total_params")
+        quantized = {key: row[key] for key in same}
+        quantized.update(
+            model=name,
+            quantized_from=row["model"],
+            precision=args.quantize,
+            test_accuracy=accuracy(copy, arrays),
+            model_size_bytes=saved_size(copy),
+            embedding_bytes=embedding_bytes(copy),
+        )
+        print(f"==> {name}: test accuracy {100 * quantized['test_accuracy']:.2f}%")
+        result += [(row, model), (quantized, copy)]
+    return result
+
+
 def has_gpu() -> bool:
     if keras.backend.backend() == "jax":
         import jax
@@ -412,42 +470,85 @@ def select_rank(rows, tolerance_points: float):
     return min(close, key=lambda row: row["rank"]) if close else None
 
 
+def format_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+# Columns shown when a row has them (with --quantize): key, title.
+BYTES_COLUMNS = (
+    ("embedding_bytes", "emb. bytes"), ("saved_model_bytes", "SavedModel"), ("tflite_bytes", "TFLite")
+)  # fmt: skip
+
+
 def format_table(rows) -> str:
     width = max(len("model"), *(len(r["model"]) for r in rows))
+    extra = [(key, title) for key, title in BYTES_COLUMNS if any(key in r for r in rows)]
     lines = [
         f"{'model':<{width}} {'emb. params':>12} {'total params':>13} {'compression':>11} "
-        f"{'test acc.':>9} {'.keras size':>11}"
+        f"{'test acc.':>9} {'.keras size':>11}" + "".join(f" {title:>11}" for _, title in extra)
     ]
     for r in rows:
         lines.append(
             f"{r['model']:<{width}} {r['embedding_params']:>12,} {r['total_params']:>13,} "
             f"{r['compression']:>10.1f}x {100 * r['test_accuracy']:>8.2f}% "
             f"{r['model_size_bytes'] / 1e6:>8.2f} MB"
+            + "".join(f" {format_bytes(r[key]) if key in r else '-':>11}" for key, _ in extra)
         )
     return "\n".join(lines)
 
 
 def export_best(rows_and_models, vectorizer, args):
-    """Exports the factorized model with the best validation accuracy."""
-    from keras_factorized import export
-
+    """Exports the factorized model with the best validation accuracy (and,
+    with `--quantize`, its quantized copy too, recording both files' sizes)."""
     candidates = [
-        (row["val_accuracy"], model) for row, model in rows_and_models if row["rank"] is not None
+        (row["val_accuracy"], row, model)
+        for row, model in rows_and_models
+        if row["rank"] is not None and "quantized_from" not in row
     ]
     if not candidates:
         print(
             "Nothing to export: no factorized model was trained (--ranks and --svd-ranks are empty)."
         )
         return
-    model = max(candidates, key=lambda pair: pair[0])[1]
-    if args.export_dir:
+    _, best, model = max(candidates, key=lambda candidate: candidate[0])
+    record = bool(args.quantize)
+    export_model(model, best, vectorizer, args.export_dir, args.tflite, record)
+    for row, copy in rows_and_models:
+        if row.get("quantized_from") == best["model"]:
+            paths = quantized_paths(args.export_dir, args.tflite, args.quantize)
+            export_model(copy, row, vectorizer, *paths, record)
+
+
+def quantized_paths(export_dir, tflite, mode: str):
+    """Where the quantized copy goes: `DIR_int8` and `NAME_int8.tflite`."""
+    if export_dir:
+        export_dir = f"{os.path.normpath(export_dir)}_{mode}"
+    if tflite:
+        root, extension = os.path.splitext(tflite)
+        tflite = f"{root}_{mode}{extension or '.tflite'}"
+    return export_dir, tflite
+
+
+def export_model(model, row, vectorizer, export_dir, tflite, record: bool) -> None:
+    """Writes `model` for TF Serving and/or TFLite; with `record`, adds the
+    files' sizes to `row`."""
+    from keras_factorized import export
+
+    if export_dir:
         # Raw text in, with the word-level vectorizer; token ids with WordPiece.
         text = {} if vectorizer is None else dict(text_vectorizer=vectorizer, truncate="pre")
-        version = export.export_for_serving(model, args.export_dir, **text)
-        print(f"SavedModel of {model.name}: {version}")
-    if args.tflite:
-        export.export_tflite(model, args.tflite)
-        print(f"TFLite of {model.name}: {args.tflite}")
+        version = export.export_for_serving(model, export_dir, **text)
+        print(f"SavedModel of {row['model']} ({model.name}): {version}")
+        if record:
+            row["saved_model_bytes"] = sum(
+                os.path.getsize(os.path.join(folder, name))
+                for folder, _, names in os.walk(version) for name in names
+            )  # fmt: skip
+    if tflite:
+        export.export_tflite(model, tflite)
+        print(f"TFLite of {row['model']} ({model.name}): {tflite}")
+        if record:
+            row["tflite_bytes"] = os.path.getsize(tflite)
 
 
 def print_rank_choice(rows, tolerance_points: float):
@@ -501,6 +602,8 @@ def run(args: argparse.Namespace) -> dict:
             vectorizer, arrays = vectorize(data, args.vocab_size, args.sequence_length)
             vocab_size = vectorizer.vocabulary_size()
             trained = list(train_all(arrays, vocab_size, args, args.seed))
+        if args.quantize:
+            trained = with_quantized(trained, arrays, args)
         if args.export_dir or args.tflite:
             export_best(trained, vectorizer, args)
     finally:
@@ -509,7 +612,8 @@ def run(args: argparse.Namespace) -> dict:
     for row in rows:
         row["compression"] = rows[0]["embedding_params"] / row["embedding_params"]
     print("\n" + format_table(rows))
-    choice = print_rank_choice([r for r in rows if r["kind"] != "svd"], args.rank_tolerance)
+    float_rows = [r for r in rows if r["kind"] != "svd" and "quantized_from" not in r]
+    choice = print_rank_choice(float_rows, args.rank_tolerance)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "results.json")
     config = dict(

@@ -488,6 +488,24 @@ class _initial_values:
         return False
 
 
+def projection_options(layer) -> dict:
+    """The options a projection layer and its factorized form share, read off either.
+
+    `Dense`/`LowRankDense` and `EinsumDense`/`LowRankEinsumDense` name their
+    activation, bias options, name and dtype policy alike, so one reader
+    serves both directions (factorize and merge).
+    """
+    return dict(
+        activation=layer.activation,
+        bias_initializer=layer.bias_initializer,
+        bias_regularizer=layer.bias_regularizer,
+        bias_constraint=layer.bias_constraint,
+        activity_regularizer=layer.activity_regularizer,
+        name=layer.name,
+        dtype=layer.dtype_policy,
+    )
+
+
 def _checked(value, name, shape, variable_shape, dims):
     """`value` as a NumPy array, checked: shape `shape` or `variable_shape`, finite."""
     value = _as_numpy(value)

@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_factorized import validation
 from keras_factorized.layers.base import LowRankLayer
+from keras_factorized.layers.base import projection_options
 
 
 @keras.saving.register_keras_serializable(package="keras_factorized")
@@ -233,29 +234,10 @@ class LowRankDense(LowRankLayer):
 
     @classmethod
     def _counterpart_kwargs(cls, layer):
-        return dict(
-            activation=layer.activation,
-            use_bias=layer.use_bias,
-            bias_initializer=layer.bias_initializer,
-            bias_regularizer=layer.bias_regularizer,
-            bias_constraint=layer.bias_constraint,
-            activity_regularizer=layer.activity_regularizer,
-            name=layer.name,
-            dtype=layer.dtype_policy,
-        )
+        return dict(use_bias=layer.use_bias, **projection_options(layer))
 
     def _dense_kwargs(self):
-        return dict(
-            units=self.units,
-            activation=self.activation,
-            use_bias=self.use_bias,
-            bias_initializer=self.bias_initializer,
-            bias_regularizer=self.bias_regularizer,
-            bias_constraint=self.bias_constraint,
-            activity_regularizer=self.activity_regularizer,
-            name=self.name,
-            dtype=self.dtype_policy,
-        )
+        return dict(units=self.units, use_bias=self.use_bias, **projection_options(self))
 
     def _dense_build_shape(self):
         return (None, self.input_dim)

@@ -14,6 +14,7 @@ from keras import regularizers
 
 from keras_factorized import validation
 from keras_factorized.layers.base import LowRankLayer
+from keras_factorized.layers.base import projection_options
 from keras_factorized.layers.einsum_shapes import EinsumFactorization
 from keras_factorized.layers.einsum_shapes import einsum_shapes
 
@@ -298,28 +299,16 @@ class LowRankEinsumDense(LowRankLayer):
             equation=layer.equation,
             output_shape=layer.partial_output_shape,
             kernel_shape=tuple(layer.kernel.shape),
-            activation=layer.activation,
             bias_axes=layer.bias_axes,
-            bias_initializer=layer.bias_initializer,
-            bias_regularizer=layer.bias_regularizer,
-            activity_regularizer=layer.activity_regularizer,
-            bias_constraint=layer.bias_constraint,
-            name=layer.name,
-            dtype=layer.dtype_policy,
+            **projection_options(layer),
         )
 
     def _dense_kwargs(self):
         return dict(
             equation=self.equation,
             output_shape=self.partial_output_shape,
-            activation=self.activation,
             bias_axes=self.bias_axes,
-            bias_initializer=self.bias_initializer,
-            bias_regularizer=self.bias_regularizer,
-            activity_regularizer=self.activity_regularizer,
-            bias_constraint=self.bias_constraint,
-            name=self.name,
-            dtype=self.dtype_policy,
+            **projection_options(self),
         )
 
     def _dense_build_shape(self):

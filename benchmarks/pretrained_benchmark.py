@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from benchmarks import pretrained_analysis as pa
 from benchmarks import seed_stats
 from benchmarks.examples import load_example
 from benchmarks.minilm_vectors import minilm_folder
@@ -50,6 +51,8 @@ from benchmarks.report import write_json
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "aclImdb_v1.tar.gz")
 KEY_RANK = 32
+PLANNED_SEEDS = (0, 1, 2)
+COMBINED_PLOT = "accuracy_vs_params_with_scratch.png"
 PLOT_KINDS = {
     "full_frozen": ("s", "MiniLM table, frozen"),
     "full_trainable": ("D", "MiniLM table, trainable"),
@@ -93,7 +96,34 @@ def plan(ranks, seeds, with_glove=True):
         order += group(seed, [None, KEY_RANK])
     for seed in seeds[1:]:
         order += group(seed, others)
+    if with_glove:
+        for seed in seeds[1:]:
+            order += [
+                (seed, "glove full frozen", "glove_frozen", None),
+                (seed, f"glove svd {KEY_RANK} trainable", "glove_svd_trainable", KEY_RANK),
+            ]
     return order
+
+
+def select(order, only):
+    """The planned trainings named in `only`, seed by seed, in the order `only` gives.
+
+    >>> order = plan([32], [0, 1])
+    >>> [(s, n) for s, n, _, _ in select(order, ["scratch 32", "full frozen"])]
+    [(0, 'scratch 32'), (0, 'full frozen'), (1, 'scratch 32'), (1, 'full frozen')]
+    """
+    if not only:
+        return list(order)
+    names = {name for _, name, _, _ in order}
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise ValueError(
+            "Received an invalid value for `--only`, expected model names of the plan "
+            f"({', '.join(sorted(names))}). Received: only={unknown}"
+        )
+    seeds = sorted({seed for seed, _, _, _ in order})
+    by = {(seed, name): item for item in order for seed, name in [item[:2]]}
+    return [by[(seed, name)] for seed in seeds for name in only if (seed, name) in by]
 
 
 class Inputs:
@@ -191,13 +221,6 @@ def imdb_section_best():
     return max(((name, float(acc)) for name, acc in rows), key=lambda r: r[1], default=None)
 
 
-def _acc(row):
-    text = f"{100 * row['test_accuracy_mean']:.2f}"
-    if row["seeds"] > 1:
-        text += f" ± {100 * row['test_accuracy_std']:.2f}"
-    return text
-
-
 def rank_choices(summary, tolerance):
     """Rank by validation (the example's rule) in the frozen and the trainable groups."""
     example = load_example("imdb_lstm")
@@ -222,26 +245,31 @@ def goals(by, choices, tolerance, imdb_best):
     def acc(name):
         return 100 * by[name]["test_accuracy_mean"] if name in by else None
 
+    def n(*names):
+        counts = sorted({by[m]["seeds"] for m in names})
+        return "/".join(map(str, counts)) + (" seed" if counts == [1] else " seeds")
+
+    key_f, key_t, key_s = (
+        f"svd {KEY_RANK} frozen",
+        f"svd {KEY_RANK} trainable",
+        f"scratch {KEY_RANK}",
+    )
     rows = []
-    full_f, r_f = acc("full frozen"), acc(f"svd {KEY_RANK} frozen")
+    full_f, r_f = acc("full frozen"), acc(key_f)
     if full_f is not None and r_f is not None:
         rows.append(
             [
                 f"frozen rank {KEY_RANK} vs frozen full table (issue: -6.75, one seed)",
-                f"{r_f:.2f} vs {full_f:.2f} ({r_f - full_f:+.2f})",
+                f"{r_f:.2f} vs {full_f:.2f} ({r_f - full_f:+.2f}; {n(key_f, 'full frozen')})",
                 "reported",
             ]
         )
-    full_t, r_t, s_t = (
-        acc("full trainable"),
-        acc(f"svd {KEY_RANK} trainable"),
-        acc(f"scratch {KEY_RANK}"),
-    )
+    full_t, r_t, s_t = acc("full trainable"), acc(key_t), acc(key_s)
     if full_t is not None and r_t is not None:
         rows.append(
             [
                 f"trainable SVD rank {KEY_RANK} within 0.5 points of the trainable full table",
-                f"{r_t:.2f} vs {full_t:.2f} ({r_t - full_t:+.2f})",
+                f"{r_t:.2f} vs {full_t:.2f} ({r_t - full_t:+.2f}; {n(key_t, 'full trainable')})",
                 "met" if r_t >= full_t - 0.5 else f"missed by {full_t - 0.5 - r_t:.2f}",
             ]
         )
@@ -249,29 +277,12 @@ def goals(by, choices, tolerance, imdb_best):
         rows.append(
             [
                 f"trainable SVD rank {KEY_RANK} above rank {KEY_RANK} from scratch",
-                f"{r_t:.2f} vs {s_t:.2f} ({r_t - s_t:+.2f})",
+                f"{r_t:.2f} vs {s_t:.2f} ({r_t - s_t:+.2f}; {n(key_t, key_s)})",
                 "met" if r_t > s_t else f"missed by {s_t - r_t:.2f}",
             ]
         )
     if "frozen" in choices:
-        chosen = choices["frozen"]
-        if chosen is None:
-            rows.append(
-                [
-                    f"frozen: smallest rank within {tolerance:g} points (validation)",
-                    "no rank close enough",
-                    "the full table is kept",
-                ]
-            )
-        else:
-            rows.append(
-                [
-                    f"frozen: smallest rank within {tolerance:g} points (validation)",
-                    f"{chosen['model']}: {chosen['compression']:.1f}x fewer embedding parameters, "
-                    f"test {100 * chosen['test_accuracy']:.2f}",
-                    "reported",
-                ]
-            )
+        rows.append(_frozen_choice_goal(choices["frozen"], tolerance))
     pretrained = [r for r in by.values() if r["kind"] not in ("scratch",)]
     if pretrained and imdb_best:
         best = max(pretrained, key=lambda r: r["test_accuracy_mean"])
@@ -279,28 +290,39 @@ def goals(by, choices, tolerance, imdb_best):
         rows.append(
             [
                 f"best pretrained above the best from-scratch model of the imdb section "
-                f"({imdb_best[0]}, {imdb_best[1]:.2f})",
-                f"{best['model']}: {_acc(best)} ({gap:+.2f})",
+                f"({imdb_best[0]}, {imdb_best[1]:.2f}, 3 seeds)",
+                f"{best['model']}: {pa.accuracy_text(best)} ({gap:+.2f})",
                 "met" if gap > 0 else f"missed by {-gap:.2f}",
             ]
         )
     return rows
 
 
-def build_markdown(rows, args, command, glove_info, total, elapsed):
-    summary = seed_stats.summarize(rows)
-    by = {r["model"]: r for r in summary}
-    choices = rank_choices(summary, args.rank_tolerance)
+def _frozen_choice_goal(chosen, tolerance):
+    goal = f"frozen: smallest rank within {tolerance:g} points (validation)"
+    if chosen is None:
+        return [goal, "no rank close enough", "the full table is kept"]
+    return [
+        goal,
+        f"{chosen['model']}: {chosen['compression']:.1f}x fewer embedding parameters, "
+        f"test {100 * chosen['test_accuracy']:.2f}",
+        "reported",
+    ]
+
+
+def _intro(rows, args, commands, total, elapsed):
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"## {args.title}", ""]
     if len(rows) < total:
         lines += [
-            f"**Partial: {len(rows)} of {total} planned trainings finished "
-            f"({elapsed / 60:.0f} min so far); the rest did not fit the time budget.**",
+            f"**Partial: {len(rows)} of {total} planned trainings finished; the rest did not fit "
+            "the time budget (2 shared CPU cores).**",
             "",
         ]
+    commands = [commands] if isinstance(commands, str) else commands
     lines += [
-        f"Command: `{command}`",
+        "Commands (each also with `--resume`, adding to the saved runs): "
+        + "; ".join(f"`{c}`" for c in commands),
         "",
         f"Machine: {machine_description()}. Seeds run: {', '.join(map(str, seeds))}.",
         "",
@@ -316,11 +338,16 @@ def build_markdown(rows, args, command, glove_info, total, elapsed):
         "word-level table).",
         "",
     ]
+    return lines
+
+
+def _results_table(summary, energy):
     headers = [
         "model",
         "seeds",
         "embedding params",
         "compression",
+        "energy kept",
         "val. acc. %",
         "test acc. % (mean ± std)",
         "s/epoch",
@@ -333,15 +360,35 @@ def build_markdown(rows, args, command, glove_info, total, elapsed):
             r["seeds"],
             f"{r['embedding_params']:,}",
             f"{r['compression']:.1f}x",
+            f"{100 * energy[str(r['rank'])]:.1f}%"
+            if r["kind"].startswith("svd") and str(r["rank"]) in energy
+            else "—",
             f"{100 * r['val_accuracy_mean']:.2f}",
-            _acc(r),
+            pa.accuracy_text(r),
             f"{r['time_per_epoch_s']:.0f}",
             f"{r['epochs_trained_mean']:.1f}",
             f"{r['model_size_bytes'] / 1e6:.2f} MB",
         ]
         for r in summary
     ]
-    lines += [markdown_table(headers, table), ""]
+    few = [r["model"] for r in summary if r["seeds"] < len(PLANNED_SEEDS)]
+    lines = [markdown_table(headers, table), ""]
+    if few:
+        lines += [
+            f"Fewer than {len(PLANNED_SEEDS)} seeds (their mean is a single run or two, with no or "
+            f"little spread; compare them with care): {', '.join(few)}.",
+            "",
+        ]
+    return lines
+
+
+def build_markdown(rows, args, commands, glove_info, total, elapsed, analysis=None):
+    analysis = analysis or {}
+    summary = seed_stats.summarize(rows)
+    by = {r["model"]: r for r in summary}
+    choices = rank_choices(summary, args.rank_tolerance)
+    lines = _intro(rows, args, commands, total, elapsed)
+    lines += _results_table(summary, analysis.get("energy", {}))
     if glove_info:
         g = glove_info
         lines += [
@@ -352,6 +399,7 @@ def build_markdown(rows, args, command, glove_info, total, elapsed):
             "The `glove` rows above train on those word-level tokens.",
             "",
         ]
+    lines += ["### Findings", ""] + pa.findings(by, choices, args, analysis)
     lines += ["### Goals of issue 15", ""]
     lines += [
         markdown_table(
@@ -359,24 +407,33 @@ def build_markdown(rows, args, command, glove_info, total, elapsed):
             goals(by, choices, args.rank_tolerance, imdb_section_best()),
         ),
         "",
+        f"Plot: `{os.path.join('benchmarks', 'out', 'pretrained', COMBINED_PLOT)}` (written by the "
+        "command, not kept in the repository): test accuracy against embedding parameters, these "
+        "rows beside the from-scratch models of the imdb section.",
+        "",
     ]
-    for group, chosen in choices.items():
-        if chosen:
-            lines.append(
-                f"Rank by validation ({group} group, tolerance {args.rank_tolerance:g} points of "
-                f"the best mean validation accuracy): {chosen['model']}."
-            )
     per_seed = {}
     for r in rows:
         per_seed.setdefault(r["model"], []).append(f"{100 * r['test_accuracy']:.2f}")
     lines += [
-        "",
         "Per-seed test accuracy (%): "
         + "; ".join(f"{name}: {', '.join(v)}" for name, v in per_seed.items())
         + ".",
         "",
     ]
     return "\n".join(lines)
+
+
+def render(rows, args, commands, glove_info, total, elapsed, analysis):
+    """Writes the combined plot and returns the section's markdown."""
+    text = open(BENCHMARKS_MD, encoding="utf-8").read() if os.path.exists(BENCHMARKS_MD) else ""
+    pa.plot_with_scratch(
+        seed_stats.summarize(rows),
+        PLOT_KINDS,
+        pa.imdb_scratch_points(text),
+        os.path.join(args.output_dir, COMBINED_PLOT),
+    )
+    return build_markdown(rows, args, commands, glove_info, total, elapsed, analysis)
 
 
 def build_parser():
@@ -394,6 +451,12 @@ def build_parser():
     add("--vocab-size", type=int, default=20000, help="word-level vocabulary of the GloVe path")
     add("--rank-tolerance", type=float, default=0.5)
     add("--no-glove", action="store_true")
+    add(
+        "--only",
+        default="",
+        help="comma-separated model names of the plan to train (e.g. 'full trainable,scratch 32'), "
+        "seed by seed in this order; the section still counts the whole plan",
+    )
     add("--verbose", type=int, default=2)
     add("--output-dir", default=os.path.join(ROOT, "benchmarks", "out", "pretrained"))
     add(
@@ -423,16 +486,25 @@ def main(argv=None) -> int:
     example = load_example("imdb_lstm")
     seeds = [int(s) for s in args.seeds.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
-    order = plan(ranks, seeds, with_glove=not args.no_glove)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    order = select(plan(ranks, seeds, with_glove=not args.no_glove), only)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "pretrained_runs.json")
-    rows, glove_info = [], None
+    rows, glove_info, commands = [], None, []
     if (args.resume or args.render_only) and os.path.exists(path):
         saved = json.load(open(path))
         rows, glove_info = saved["runs"], saved.get("glove")
+        commands = saved.get("commands") or [saved["command"]]
+    if not args.render_only and command not in commands:
+        commands.append(command)
+    planned_seeds = sorted(set(PLANNED_SEEDS) | set(seeds) | {r["seed"] for r in rows})
+    total = len(plan(ranks, planned_seeds, with_glove=not args.no_glove))
     done = {(r["seed"], r["model"]) for r in rows}
     inputs = Inputs(example, args)
     args.split_sizes = tuple(len(s.texts) for s in inputs.load_data())
+    analysis = pa.load_or_measure(
+        os.path.join(args.output_dir, "analysis.json"), inputs, ranks, args.sequence_length
+    )
     started = time.perf_counter()
     for seed, name, kind, rank in [] if args.render_only else order:
         if (seed, name) in done:
@@ -443,16 +515,16 @@ def main(argv=None) -> int:
         seed_stats.write_outputs(
             args.output_dir, rows, seed_stats.summarize(rows), vars(args), PLOT_KINDS
         )
-        write_json(path, {"runs": rows, "glove": glove_info, "command": command})
-        markdown = build_markdown(
-            rows, args, command, glove_info, len(order), time.perf_counter() - started
+        write_json(path, {"runs": rows, "glove": glove_info, "commands": commands})
+        markdown = render(
+            rows, args, commands, glove_info, total, time.perf_counter() - started, analysis
         )
         if not args.no_write:
             update_section(args.section, markdown)
         print(seed_stats.format_table(seed_stats.summarize(rows)), flush=True)
     if rows:
-        markdown = build_markdown(
-            rows, args, command, glove_info, len(order), time.perf_counter() - started
+        markdown = render(
+            rows, args, commands, glove_info, total, time.perf_counter() - started, analysis
         )
         print(markdown)
         if not args.no_write:

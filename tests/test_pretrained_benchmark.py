@@ -22,11 +22,23 @@ def test_plan_runs_the_goals_first_then_other_ranks_then_more_seeds():
         (0, "scratch 32"), (0, "svd 32 frozen"),
     ]  # fmt: skip
     assert len(set(names)) == len(names)
-    assert {n for s, n in names if s == 1} == {n for s, n in names if s == 0} - {
-        "glove full frozen", "glove svd 32 trainable"
-    }
+    assert {n for s, n in names if s == 1} == {n for s, n in names if s == 0}
     assert names.index((0, "svd 128 trainable")) < names.index((1, "full frozen"))
+    assert names.index((1, "svd 8 frozen")) < names.index((1, "glove svd 32 trainable"))
     assert not [n for _, n, _, _ in bench.plan([32], [0], with_glove=False) if "glove" in n]
+
+
+def test_select_runs_the_named_models_seed_by_seed_in_the_given_order():
+    order = bench.plan([8, 32], [1, 2])
+    chosen = bench.select(order, ["glove svd 32 trainable", "full trainable"])
+    assert [(s, n) for s, n, _, _ in chosen] == [
+        (1, "glove svd 32 trainable"), (1, "full trainable"),
+        (2, "glove svd 32 trainable"), (2, "full trainable"),
+    ]  # fmt: skip
+    assert chosen[0] == (1, "glove svd 32 trainable", "glove_svd_trainable", 32)
+    assert bench.select(order, []) == order
+    with pytest.raises(ValueError, match=r"`--only`.*Received: only=\['svd 7 frozen'\]"):
+        bench.select(order, ["full frozen", "svd 7 frozen"])
 
 
 def _row(model, kind, rank, seed, val, test, params):
@@ -56,21 +68,48 @@ def test_rank_choice_and_goals_follow_the_issue():
     by = {r["model"]: r for r in summary}
     goals = {g[0]: g for g in bench.goals(by, choices, 0.5, ("baseline", 85.58))}
     within = goals["trainable SVD rank 32 within 0.5 points of the trainable full table"]
-    assert within[1] == "85.00 vs 86.00 (-1.00)" and within[2] == "missed by 0.50"
+    assert within[1] == "85.00 vs 86.00 (-1.00; 1 seed)" and within[2] == "missed by 0.50"
     assert goals["trainable SVD rank 32 above rank 32 from scratch"][2] == "met"
     best = [g for k, g in goals.items() if k.startswith("best pretrained")][0]
     assert best[1].startswith("full trainable: 86.00") and best[2] == "met"
+
+
+ANALYSIS = {
+    "energy": {"32": 0.285, "128": 0.661},
+    "coverage": {"reviews": 10, "words_mean": 227.0, "wordpiece_mean": 291.0,
+                 "words_fit": 0.6, "wordpiece_fit": 0.45},
+}  # fmt: skip
 
 
 def test_markdown_marks_a_partial_run_and_lists_every_model(monkeypatch):
     monkeypatch.setattr(bench, "machine_description", lambda: "test machine")
     args = bench.build_parser().parse_args([])
     args.split_sizes = (20000, 5000, 25000)
-    text = bench.build_markdown(ROWS, args, "python -m benchmarks.pretrained_benchmark", None, 20, 60)
+    commands = ["python -m benchmarks.pretrained_benchmark", "python -m x --only 'scratch 32'"]
+    text = bench.build_markdown(ROWS, args, commands, None, 20, 60, ANALYSIS)
     assert "**Partial: 6 of 20 planned trainings finished" in text
+    assert "`python -m x --only 'scratch 32'`" in text  # every command that added runs
     for row in ROWS:
         assert f"| {row['model']} |" in text
     assert "### Goals of issue 15" in text and "Rank by validation (frozen group" in text
+    # Seed counts are plain: per row, in the goals, and the rows under 3 seeds named.
+    assert "| svd 32 frozen | 1 | 100 | 10.0x | 28.5% | 70.00 | 72.00 (1 seed) |" in text
+    assert "Fewer than 3 seeds" in text and "72.00 vs 79.00 (-7.00; 1 seed)" in text
+    # The flat spectrum and what a frozen low-rank copy loses, the token coverage.
+    assert "rank 32: 28.5%, rank 128: 66.1%" in text and "rank 32: 72.00 (1 seed), -7.00" in text
+    assert "45% of reviews fit whole in 200 WordPiece tokens, 60% in 200 words" in text
+
+
+def test_markdown_shows_the_spread_over_seeds():
+    rows = ROWS + [
+        dict(ROWS[3], seed=1, test_accuracy=0.86),
+        dict(ROWS[3], seed=2, test_accuracy=0.85),
+    ]
+    by = {r["model"]: r for r in bench.seed_stats.summarize(rows)}
+    assert bench.pa.accuracy_text(by["scratch 32"]) == "85.00 ± 1.00 (3 seeds)"
+    goals = {g[0]: g for g in bench.goals(by, {}, 0.5, None)}
+    above = goals["trainable SVD rank 32 above rank 32 from scratch"]
+    assert above[1] == "85.00 vs 85.00 (+0.00; 1/3 seeds)" and above[2] == "missed by 0.00"
 
 
 def test_imdb_section_best_reads_the_best_from_scratch_row(tmp_path, monkeypatch):
@@ -102,3 +141,29 @@ def test_benchmarks_load_the_example_scripts(name):
     assert callable(load_example(name).main)
     with pytest.raises(ValueError, match="name='nope'"):
         load_example("nope")
+
+
+def test_analysis_doctests_and_combined_plot(tmp_path):
+    import doctest
+
+    from benchmarks import pretrained_analysis
+
+    assert doctest.testmod(pretrained_analysis).failed == 0
+    pytest.importorskip("matplotlib")
+    path = str(tmp_path / "plot.png")
+    scratch = [{"model": "baseline", "embedding_params": 2560000, "mean": 85.58, "std": 0.64}]
+    summary = bench.seed_stats.summarize(ROWS)
+    pretrained_analysis.plot_with_scratch(summary, bench.PLOT_KINDS, scratch, path)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_token_coverage_counts_words_like_text_vectorization():
+    import keras
+
+    from benchmarks.pretrained_analysis import word_count
+
+    texts = ["A <br />great film, isn't it?", "Bad... very bad!"]
+    layer = keras.layers.TextVectorization(output_mode="int")
+    layer.adapt(texts)
+    ids = keras.ops.convert_to_numpy(layer([t.replace("<br />", " ") for t in texts]))
+    assert [word_count(t) for t in texts] == [int((row != 0).sum()) for row in ids]

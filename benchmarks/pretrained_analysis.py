@@ -1,0 +1,244 @@
+"""Measurements that explain the pretrained benchmark's results (issue 15).
+
+`benchmarks/pretrained_benchmark.py` trains; this module measures what its
+write-up needs besides accuracies, without training:
+
+- `spectrum_energy`: the fraction of the table's squared singular values each
+  rank keeps (the MiniLM token table's spectrum is flat);
+- `token_coverage`: how much of a review fits in the first `sequence_length`
+  tokens with the WordPiece tokenizer and with the word-level one;
+- `imdb_scratch_points` and `plot_with_scratch`: the from-scratch models of
+  BENCHMARKS.md's `imdb` section beside the pretrained ones in one plot;
+- `load_or_measure`: the first two, measured once and cached as JSON;
+- `accuracy_text` and `findings`: the write-up's sentences from those numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+
+import numpy as np
+
+from keras_factorized.atomic_io import atomic_output
+from keras_factorized.atomic_io import write_text
+
+# Keras `TextVectorization`'s default standardization strips these.
+_PUNCTUATION = re.compile(r"[!\"#$%&()\*\+,\-\./:;<=>?@\[\\\]^_`{|}~']")
+_BREAK = re.compile(r"<br\s*/?>")
+
+
+def spectrum_energy(matrix, ranks) -> dict:
+    """`{rank: fraction}` of the squared singular values kept at each rank.
+
+    >>> m = np.diag([3.0, 1.0, 0.0])
+    >>> spectrum_energy(m, [1, 2])
+    {1: 0.9, 2: 1.0}
+    """
+    s = np.linalg.svd(np.asarray(matrix, dtype="float64"), compute_uv=False)
+    kept = np.cumsum(s**2) / np.sum(s**2)
+    return {int(r): round(float(kept[min(r, len(s)) - 1]), 6) for r in ranks}
+
+
+def word_count(text: str) -> int:
+    """Tokens of a word-level `TextVectorization` (lowercase, punctuation stripped).
+
+    >>> word_count("A <br />great film, isn't it?")
+    5
+    """
+    return len(_PUNCTUATION.sub("", _BREAK.sub(" ", text).lower()).split())
+
+
+def token_coverage(texts, sequence_length: int, wordpiece_counts) -> dict:
+    """Mean token counts and the share of reviews that fit in `sequence_length`.
+
+    `wordpiece_counts` holds the WordPiece token count of each of `texts`.
+
+    >>> token_coverage(["good film", "bad"], 2, [3, 1])["wordpiece_fit"]
+    0.5
+    """
+    words = [word_count(t) for t in texts]
+    pieces = [int(c) for c in wordpiece_counts]
+    return {
+        "reviews": len(words),
+        "words_mean": statistics.mean(words),
+        "wordpiece_mean": statistics.mean(pieces),
+        "words_fit": sum(w <= sequence_length for w in words) / len(words),
+        "wordpiece_fit": sum(p <= sequence_length for p in pieces) / len(pieces),
+    }
+
+
+def wordpiece_counts(folder: str, texts) -> list[int]:
+    """WordPiece token counts of `texts` with the BERT preset in `folder`."""
+    import keras_hub
+
+    tokenizer = keras_hub.models.BertTokenizer.from_preset(folder)
+    ids = tokenizer([_BREAK.sub(" ", t) for t in texts])
+    return [len(row) for row in (ids.to_list() if hasattr(ids, "to_list") else ids)]
+
+
+def imdb_scratch_points(markdown: str) -> list[dict]:
+    """The from-scratch rows (`baseline`, `rank N`) of the `imdb` section.
+
+    >>> text = ("<!-- BEGIN imdb -->\\n| baseline | 2,560,000 | 2 | 1.0x | 85.58 ± 0.64 (1-2) |\\n"
+    ...         "| svd rank 4 | 80,512 | 9 | 1x | 83.73 ± 2.11 (1-2) |\\n<!-- END imdb -->")
+    >>> imdb_scratch_points(text)
+    [{'model': 'baseline', 'embedding_params': 2560000, 'mean': 85.58, 'std': 0.64}]
+    """
+    match = re.search(r"<!-- BEGIN imdb -->(.*?)<!-- END imdb -->", markdown, re.DOTALL)
+    rows = re.findall(
+        r"^\| (baseline|rank \d+) \| ([\d,]+) \|[^\n]*?\| ([\d.]+) ± ([\d.]+)",
+        match.group(1) if match else "",
+        re.M,
+    )
+    return [
+        {"model": m, "embedding_params": int(p.replace(",", "")), "mean": float(a), "std": float(s)}
+        for m, p, a, s in rows
+    ]
+
+
+def plot_with_scratch(summary, kinds: dict, scratch_points, path: str) -> None:
+    """Test accuracy against embedding parameters: the pretrained benchmark's
+    rows (`summary`, plotted by `kind` as in `kinds`) and the `imdb` section's
+    from-scratch models (`scratch_points`), into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = [
+        (label, marker, [r for r in summary if r["kind"] == kind])
+        for kind, (marker, label) in kinds.items()
+    ]
+    scratch = [
+        {"model": p["model"], "embedding_params": p["embedding_params"],
+         "test_accuracy_mean": p["mean"] / 100, "test_accuracy_std": p["std"] / 100}
+        for p in scratch_points
+    ]  # fmt: skip
+    series.append(("from scratch, word-level (imdb section)", "*", scratch))
+    for label, marker, rows in series:
+        if not rows:
+            continue
+        ax.errorbar(
+            [r["embedding_params"] for r in rows],
+            [100 * r["test_accuracy_mean"] for r in rows],
+            yerr=[100 * r["test_accuracy_std"] for r in rows],
+            fmt=marker,
+            capsize=3,
+            label=label,
+        )
+        for r in rows:
+            point = (r["embedding_params"], 100 * r["test_accuracy_mean"])
+            ax.annotate(r["model"], point, textcoords="offset points", xytext=(4, 4), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding parameters (log scale)")
+    ax.set_ylabel("test accuracy (%, mean ± std over seeds)")
+    ax.set_title("IMDB sentiment: pretrained MiniLM table (SVD) vs from scratch")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def accuracy_text(row):
+    """`mean ± std (n seeds)` of a summary row; one seed has no spread and says so.
+
+    >>> accuracy_text({"test_accuracy_mean": 0.8354, "test_accuracy_std": 0.0, "seeds": 1})
+    '83.54 (1 seed)'
+    """
+    text = f"{100 * row['test_accuracy_mean']:.2f}"
+    if row["seeds"] > 1:
+        return text + f" ± {100 * row['test_accuracy_std']:.2f} ({row['seeds']} seeds)"
+    return text + " (1 seed)"
+
+
+def findings(by, choices, args, analysis):
+    """The flat spectrum, the rank chosen by validation and the token coverage, as text."""
+    lines = []
+    energy = analysis.get("energy", {})
+    if energy:
+        kept = ", ".join(f"rank {r}: {100 * e:.1f}%" for r, e in energy.items())
+        text = (
+            "Spectrum: share of the MiniLM token table's energy (squared singular values) each "
+            f"rank keeps: {kept}."
+        )
+        frozen = [by[m] for m in by if by[m]["kind"] in ("full_frozen", "svd_frozen")]
+        if "full frozen" in by and len(frozen) > 1:
+            full = by["full frozen"]
+            gaps = "; ".join(
+                f"rank {r['rank']}: {accuracy_text(r)}, "
+                f"{100 * (r['test_accuracy_mean'] - full['test_accuracy_mean']):+.2f}"
+                for r in sorted(frozen, key=lambda r: r["rank"] or 0)
+                if r["rank"] is not None
+            )
+            text += (
+                f" A frozen low-rank copy of it loses points against the frozen full table "
+                f"({accuracy_text(full)}): {gaps}."
+            )
+        lines += [text, ""]
+    for group, chosen in choices.items():
+        rows = [by[m] for m in by if by[m]["kind"] in (f"full_{group}", f"svd_{group}")]
+        best = max(rows, key=lambda r: r["val_accuracy_mean"])
+        close = max(
+            (r for r in rows if r["rank"] is not None), key=lambda r: r["val_accuracy_mean"]
+        )
+        verdict = (
+            f"picks {chosen['model']} ({chosen['compression']:.1f}x fewer embedding parameters, "
+            f"test {accuracy_text(chosen)})"
+            if chosen
+            else "picks no rank: the full table is kept"
+        )
+        lines += [
+            f"Rank by validation ({group} group; the smallest rank whose mean validation accuracy "
+            f"is within {args.rank_tolerance:g} points of the best, {best['model']} at "
+            f"{100 * best['val_accuracy_mean']:.2f}): {verdict}. Best factorized row by validation: "
+            f"{close['model']} at {100 * close['val_accuracy_mean']:.2f}.",
+            "",
+        ]
+    coverage = analysis.get("coverage")
+    if coverage:
+        c = coverage
+        lines += [
+            f"Tokens ({c['reviews']:,} test reviews): a review has {c['wordpiece_mean']:.0f} "
+            f"WordPiece tokens on average against {c['words_mean']:.0f} words; "
+            f"{100 * c['wordpiece_fit']:.0f}% of reviews fit whole in {args.sequence_length} WordPiece "
+            f"tokens, {100 * c['words_fit']:.0f}% in {args.sequence_length} words (the imdb section's "
+            "and the glove rows' tokens)"
+            + (
+                ": at the same sequence length the WordPiece rows see less of each review."
+                if c["wordpiece_fit"] < c["words_fit"]
+                else "."
+            ),
+            "",
+        ]
+    return lines
+
+
+def load_or_measure(path, inputs, ranks, sequence_length, sample=2000):
+    """The spectrum energy and the token coverage, measured once and cached at `path`."""
+    saved = json.load(open(path)) if os.path.exists(path) else {}
+    if saved.get("ranks") == ranks and saved.get("sequence_length") == sequence_length:
+        return saved
+    from benchmarks.minilm_vectors import minilm_folder
+    from benchmarks.minilm_vectors import minilm_table
+
+    _, matrix = minilm_table()
+    texts = list(inputs.load_data().test.texts)
+    texts = texts[:: max(1, len(texts) // sample)][:sample]
+    analysis = {
+        "ranks": ranks,
+        "sequence_length": sequence_length,
+        "energy": {str(r): e for r, e in spectrum_energy(matrix, ranks).items()},
+        "coverage": token_coverage(
+            texts, sequence_length, wordpiece_counts(minilm_folder(), texts)
+        ),
+    }
+    write_text(path, json.dumps(analysis, indent=2))
+    return analysis

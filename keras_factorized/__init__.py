@@ -19,6 +19,7 @@ from keras_factorized.layers import FactorizedEmbedding
 from keras_factorized.layers import LowRankDense
 from keras_factorized.layers import LowRankEinsumDense
 from keras_factorized.layers import LowRankLayer
+from keras_factorized.optimizers import LazyAdam
 from keras_factorized.registry import register_factorization
 from keras_factorized.surgery import DistillationConfig
 from keras_factorized.surgery import FactorizationReport
@@ -31,6 +32,7 @@ __all__ = [
     "DistillationConfig",
     "FactorizationReport",
     "FactorizedEmbedding",
+    "LazyAdam",
     "LowRankDense",
     "LowRankEinsumDense",
     "LowRankLayer",

@@ -220,8 +220,10 @@ def factorized_embedding_from_word_vectors(
         vectors: A `WordVectors`, a `(vocab, dim)` matrix, or the path of a
             GloVe / word2vec text file (then `vocabulary` is required).
         vocabulary: The vocabulary, when `vectors` is a path.
-        rank, energy, param_ratio: How to choose the rank (exactly one), as in
-            `FactorizedEmbedding.from_matrix`.
+        rank: The rank of the factors. Give exactly one of `rank`, `energy`
+            and `param_ratio`, as in `FactorizedEmbedding.from_matrix`.
+        energy: The fraction of the squared singular values to keep.
+        param_ratio: The fraction of the table's parameters to keep.
         trainable: `False` freezes the embedding (both factors).
         mask_zero: Passed to the layer.
         **kwargs: Other `FactorizedEmbedding` arguments (e.g. `name`), or

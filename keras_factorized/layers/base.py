@@ -319,7 +319,11 @@ class LowRankLayer(FactorQuantization, keras.layers.Layer):
 
         Args:
             layer: a built instance of `dense_class` (not quantized).
-            rank, energy, param_ratio, split, svd_method: as in `from_matrix`.
+            rank: as in `from_matrix`.
+            energy: as in `from_matrix`.
+            param_ratio: as in `from_matrix`.
+            split: as in `from_matrix`.
+            svd_method: as in `from_matrix`.
             **kwargs: constructor arguments that override the copied ones.
 
         Returns:

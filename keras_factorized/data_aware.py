@@ -118,8 +118,11 @@ class WhitenedSVD(NamedTuple):
 def whitening_factor(scatter: np.ndarray, damping: float = 0.01) -> np.ndarray:
     """A square root `L` of `scatter + damping * mean(diag) * I` (`L L^T`).
 
-    Cholesky when the damped matrix is positive definite; else a symmetric
-    eigenvalue square root with the negative eigenvalues clipped.
+    Cholesky when the damped matrix is well conditioned; else (rank-deficient
+    statistics without damping: fewer calibration rows than features, dead
+    features) a symmetric eigenvalue square root whose eigenvalues are
+    floored at `damping * mean(diag)` and at `1e-10` of the largest, so the
+    root is always invertible (SVD-LLM v2, COALA: no Cholesky failure).
     """
     if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or damping < 0:
         raise invalid_value("damping", "a number >= 0", damping)
@@ -128,11 +131,20 @@ def whitening_factor(scatter: np.ndarray, damping: float = 0.01) -> np.ndarray:
     reg = damping * diag_mean if diag_mean > 0 else 1.0
     damped = scatter + reg * np.eye(scatter.shape[0])
     try:
-        return scipy.linalg.cholesky(damped, lower=True, check_finite=False)
+        root = scipy.linalg.cholesky(damped, lower=True, check_finite=False)
+        pivots = np.square(np.diag(root))
+        if pivots.min() > _RELATIVE_FLOOR * pivots.max():
+            return root
     except np.linalg.LinAlgError:
-        vals, vecs = scipy.linalg.eigh(damped, check_finite=False)
-        vals = np.clip(vals, reg, None)
-        return vecs * np.sqrt(vals)[None, :]
+        pass
+    vals, vecs = scipy.linalg.eigh(damped, check_finite=False)
+    floor = max(reg, _RELATIVE_FLOOR * max(float(vals.max()), 0.0))
+    vals = np.clip(vals, floor if floor > 0 else 1.0, None)
+    return vecs * np.sqrt(vals)[None, :]
+
+
+# Eigenvalues of a whitening root below this fraction of the largest are raised to it.
+_RELATIVE_FLOOR = 1e-10
 
 
 def whitened_svd(
@@ -217,6 +229,7 @@ def fitted_factors(
     *,
     damping: float = 0.01,
     split: str = "balanced",
+    residual_cross=None,
 ):
     """Rank-`rank` factors fitted to the inputs a compressed model really feeds.
 
@@ -229,6 +242,13 @@ def fitted_factors(
     correct the errors of earlier ones (the sequential update of SVD-LLM and
     Dobi-SVD). With `X' = X` it is `whitened_svd`'s optimum.
 
+    When the layer's output is added to a residual stream (`X W + R`, as the
+    attention output and the second feed-forward projection of a Transformer
+    block), the compressed model's residual `R'` differs from the original's
+    `R`; with `residual_cross = X'^T (R - R')` the factors also absorb the
+    part of that difference they can predict from `X'`: they minimise
+    `||X' A B + R' - (X W + R)||_F`.
+
     Args:
         kernel: the original `(m, n)` weight `W`.
         input_gram: `X'^T X'`, `(m, m)`.
@@ -236,6 +256,7 @@ def fitted_factors(
         rank: the rank `k`.
         damping: `reg` as a fraction of the mean of the diagonal of `X'^T X'`.
         split: how the singular values are shared between `A` and `B`.
+        residual_cross: optional `X'^T (R - R')`, `(m, n)`.
 
     Returns:
         `(A, B)`, `(m, k)` and `(k, n)`.
@@ -268,12 +289,38 @@ def fitted_factors(
     # would): `+ reg ||A B - W||^2`, the same regularisation as `whitened_svd`.
     diag_mean = float(np.mean(np.diag(gram)))
     reg = damping * diag_mean if diag_mean > 0 else 1.0
-    target = _solve_root(root, (np.asarray(cross, np.float64) + reg * np.eye(m)) @ w)
+    product = (np.asarray(cross, np.float64) + reg * np.eye(m)) @ w
+    if residual_cross is not None:
+        if np.shape(residual_cross) != w.shape:
+            raise invalid_value(
+                "residual_cross", f"a {w.shape} matrix", f"shape {np.shape(residual_cross)}"
+            )
+        product = product + np.asarray(residual_cross, np.float64)
+    target = _solve_root(root, product)
     u, s, vt = scipy.linalg.svd(
         target, full_matrices=False, check_finite=False, lapack_driver="gesvd"
     )
     left = _solve_root(root, u[:, :k], transpose=True)
     return split_singular_values(left, s[:k], vt[:k], split)
+
+
+def fit_objective(product, input_gram, target_cross) -> float:
+    """`||X' P - Y||_F^2 - ||Y||_F^2` for the product `P = A B`, from
+    `X'^T X'` and `X'^T Y`: which of two products fits `Y` better, exactly,
+    without the activations.
+
+    Example:
+
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.normal(size=(50, 4)), rng.normal(size=(50, 3))
+    >>> p = rng.normal(size=(4, 3))
+    >>> exact = np.sum((x @ p - y) ** 2) - np.sum(y ** 2)
+    >>> bool(np.isclose(fit_objective(p, x.T @ x, x.T @ y), exact))
+    True
+    """
+    p = np.asarray(product, np.float64)
+    gram = np.asarray(input_gram, np.float64)
+    return float(np.sum(p * (gram @ p)) - 2.0 * np.sum(p * np.asarray(target_cross, np.float64)))
 
 
 def corrected_bias(statistics: ActivationStatistics, kernel, approx_kernel, bias=None):
@@ -312,7 +359,8 @@ def allocate_ranks(
     *,
     min_rank: int = 1,
     max_ranks: Sequence[int] | None = None,
-) -> list[int]:
+    whole_costs: Sequence[int | None] | None = None,
+) -> list[int | None]:
     """Spends a parameter budget over matrices, one rank at a time, greedily.
 
     Each matrix `i` costs `costs[i]` parameters per unit of rank (`m + n`) and
@@ -323,15 +371,22 @@ def allocate_ranks(
     choice is optimal up to the last, partly-fitting step (a fractional
     knapsack over concave error curves).
 
+    With `whole_costs`, a matrix that reaches its largest rank may also be
+    kept whole (unfactorized, no error) for `whole_costs[i]` parameters in
+    all: its whole remaining error goes for the few parameters between its
+    largest useful rank and the dense matrix, taken as soon as it fits.
+
     Args:
         gains: per matrix, the error reductions of ranks 1, 2, ... (decreasing).
         costs: per matrix, parameters per unit of rank.
         budget: total parameters allowed for all factors.
         min_rank: the rank every matrix gets first.
         max_ranks: per matrix, the largest rank allowed (default `len(gains[i])`).
+        whole_costs: per matrix, the parameters of keeping it whole, or
+            `None` (default: no matrix may be kept whole).
 
     Returns:
-        The list of ranks.
+        The list of ranks (`None` for a matrix kept whole).
 
     Example:
 
@@ -357,7 +412,19 @@ def allocate_ranks(
         for k in range(ranks[i], min(max_ranks[i], len(g))):
             candidates.append((-g[k] / c, i, k))
     candidates.sort()
+    whole_costs = [None] * n if whole_costs is None else list(whole_costs)
     closed = [False] * n
+    whole = [False] * n
+
+    def keep_whole_if_it_fits(i):
+        nonlocal spent
+        extra = None if whole_costs[i] is None else whole_costs[i] - costs[i] * ranks[i]
+        if ranks[i] >= max_ranks[i] and extra is not None and spent + extra <= budget:
+            whole[i], closed[i] = True, True
+            spent += extra
+
+    for i in range(n):
+        keep_whole_if_it_fits(i)
     for _, i, k in candidates:
         if closed[i] or k != ranks[i]:
             continue
@@ -366,4 +433,5 @@ def allocate_ranks(
             continue
         ranks[i] += 1
         spent += costs[i]
-    return ranks
+        keep_whole_if_it_fits(i)
+    return [None if w else r for r, w in zip(ranks, whole)]

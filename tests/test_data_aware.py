@@ -187,20 +187,46 @@ def test_whitening_factor_is_a_root_of_the_damped_scatter(seed, m, damping):
 
 def test_damping_makes_a_singular_scatter_invertible():
     # Fewer rows than features: X^T X is singular. Without damping the factor
-    # is still a root of X^T X (Cholesky fails; the eigenvalue fallback clips
-    # negative round-off to 0) but it is singular; any damping > 0 makes it
-    # invertible, and the whitened SVD then fits the seen outputs exactly
-    # once the rank reaches rank(X).
+    # is still a root of X^T X up to a floor of 1e-10 of its largest
+    # eigenvalue (Cholesky fails or is ill conditioned; the eigenvalue root
+    # floors the rest), so it stays invertible; any damping > 0 does the
+    # same, and the whitened SVD then fits the seen outputs exactly once the
+    # rank reaches rank(X).
     x, w = _problem(3, 6, 4, rows=2)
     scatter = x.T @ x
     root = whitening_factor(scatter, damping=0.0)
     np.testing.assert_allclose(root @ root.T, scatter, atol=1e-9 * np.abs(scatter).max())
-    assert np.linalg.matrix_rank(root) < 6
+    assert np.linalg.matrix_rank(root) == 6
     root = whitening_factor(scatter, damping=1e-6)
     assert np.linalg.matrix_rank(root) == 6
-    a, b = whitened_svd(w, scatter, damping=1e-6).factors(2)
-    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
-    assert np.linalg.norm(x @ (w - a @ b)) < 1e-4 * np.linalg.norm(x @ w)
+    for damping in (0.0, 1e-6):
+        a, b = whitened_svd(w, scatter, damping=damping).factors(2)
+        assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+        assert np.linalg.norm(x @ (w - a @ b)) < 1e-4 * np.linalg.norm(x @ w)
+
+
+@pytest.mark.parametrize("dead", [1, 5, 12])
+def test_whitening_without_damping_survives_rank_deficient_statistics(dead):
+    # Dead features (always 0) and duplicated ones: X^T X is singular, no
+    # damping. The whitened SVD is finite and reaches the output optimum of
+    # every rank, the truncated SVD of X W (Eckart-Young: X A B can be any
+    # rank-k matrix in the column space of X, where X W lies).
+    rng = np.random.default_rng(dead)
+    x = rng.normal(size=(200, 16))
+    x[:, :dead] = 0.0
+    x[:, -1] = x[:, -2]
+    w = rng.normal(size=(16, 10))
+    svd = whitened_svd(w, x.T @ x, damping=0.0)
+    s = np.linalg.svd(x @ w, compute_uv=False)
+    for k in (1, 3, 6):
+        a, b = svd.factors(k)
+        assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+        np.testing.assert_allclose(
+            np.linalg.norm(x @ (w - a @ b)),
+            np.sqrt(np.sum(s[k:] ** 2)),
+            rtol=1e-5,
+            atol=1e-7 * s[0],
+        )
 
 
 @pytest.mark.parametrize("damping", [-0.1, True, "0.01", None])
@@ -445,3 +471,41 @@ def test_allocation_of_singular_values_minimises_the_total_error():
         if sum(combo) <= 7
     )
     np.testing.assert_allclose(sum(errors), best, rtol=1e-9)
+
+
+def test_keeping_a_matrix_whole_when_its_error_is_worth_it():
+    # Matrix 0's tail holds most of the error: once it reaches its largest
+    # rank (2), keeping it whole (cost 9 in all, 1 more than rank 2) is the
+    # best use of the budget; the budget is met exactly (nothing else fits).
+    gains = [np.array([5.0, 4.0, 100.0]), np.array([3.0, 1.0, 0.5])]
+    ranks = allocate_ranks(
+        gains, costs=[4, 4], budget=17, max_ranks=[2, 2], whole_costs=[9, None]
+    )
+    assert ranks == [None, 2]
+    # Too small a budget: the matrix stays factorized.
+    assert allocate_ranks(
+        gains, costs=[4, 4], budget=12, max_ranks=[2, 2], whole_costs=[9, None]
+    ) == [2, 1]
+
+
+@FAST
+@given(problem=allocation_problems(), data=st.data())
+def test_allocation_with_whole_matrices_meets_the_budget(problem, data):
+    gains, costs, budget, min_rank = problem
+    max_ranks = [data.draw(st.integers(min(min_rank, len(g)), len(g))) for g in gains]
+    whole = [
+        data.draw(st.one_of(st.none(), st.integers(c * mr, c * mr + c)))
+        for c, mr in zip(costs, max_ranks)
+    ]
+    ranks = allocate_ranks(
+        gains, costs, budget, min_rank=min_rank, max_ranks=max_ranks, whole_costs=whole
+    )
+    spent = sum(w if r is None else c * r for r, c, w in zip(ranks, costs, whole))
+    assert spent <= budget
+    for r, c, mr, w in zip(ranks, costs, max_ranks, whole):
+        if r is None:
+            assert w is not None
+        else:  # maximal: one more rank (or keeping it whole) would not fit
+            assert r <= mr
+            assert r == mr or spent + c > budget
+            assert r < mr or w is None or spent + w - c * r > budget

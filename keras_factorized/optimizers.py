@@ -38,9 +38,11 @@ class LazyAdam(keras.optimizers.Adam):
       first touched at step 1000 has its first update scaled by
       `sqrt(1 - beta_2**1000) / (1 - beta_1**1000)`, about 1, instead of the
       `sqrt(1 - beta_2) / (1 - beta_1)` of its own first step.
-    - With a dense gradient (every backend other than TensorFlow, or a
-      gradient densified by `clipnorm`, `clipvalue`, `global_clipnorm` or
-      gradient accumulation) the update is `Adam`'s, bit for bit.
+    - With a dense gradient (every backend other than TensorFlow, or one
+      densified by gradient accumulation) the update is `Adam`'s, bit for bit.
+      `clipnorm`, `global_clipnorm` and `clipvalue` keep the gradient sparse
+      and clip it as `Adam` clips the dense one (norms over the gradient with
+      repeated ids summed).
     - On JAX and PyTorch gradients are dense arrays, so `LazyAdam` is `Adam`
       there: same results, same cost. `weight_decay`, when set, is applied by
       the base optimizer to every row (dense) on every backend.
@@ -74,6 +76,23 @@ class LazyAdam(keras.optimizers.Adam):
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                          epsilon=epsilon, amsgrad=amsgrad, name=name, **kwargs)
 
+    def _clip_gradients(self, grads):
+        """`Adam`'s clipping, without densifying `IndexedSlices` gradients."""
+        if not any(_is_indexed_slices(g) for g in grads):
+            return super()._clip_gradients(grads)
+        import tensorflow as tf
+
+        grads = [_summed_slices(g) if _is_indexed_slices(g) else g for g in grads]
+        if self.clipnorm and self.clipnorm > 0:
+            return [None if g is None else tf.clip_by_norm(g, self.clipnorm) for g in grads]
+        if self.global_clipnorm and self.global_clipnorm > 0:
+            clipped, _ = tf.clip_by_global_norm(grads, self.global_clipnorm)
+            return clipped
+        if self.clipvalue and self.clipvalue > 0:
+            return [None if g is None else _map_values(g, lambda x: tf.clip_by_value(
+                x, -self.clipvalue, self.clipvalue)) for g in grads]
+        return grads
+
     def update_step(self, gradient, variable, learning_rate):
         """Adam's update; only the gradient's rows for an `IndexedSlices`."""
         if _is_indexed_slices(gradient):
@@ -86,12 +105,8 @@ class LazyAdam(keras.optimizers.Adam):
         import tensorflow as tf
 
         dtype = variable.dtype
-        # Repeated ids carry one slice each: sum them (what a dense gradient
-        # holds), as Keras 2's optimizers did before a sparse update.
-        rows, positions = tf.unique(gradient.indices)
-        values = tf.math.unsorted_segment_sum(
-            tf.cast(gradient.values, dtype), positions, tf.shape(rows)[0]
-        )
+        gradient = _summed_slices(gradient)
+        rows, values = gradient.indices, tf.cast(gradient.values, dtype)
         lr = ops.cast(learning_rate, dtype)
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1 = ops.cast(self.beta_1, dtype)
@@ -117,3 +132,25 @@ class LazyAdam(keras.optimizers.Adam):
 def _is_indexed_slices(value) -> bool:
     """Whether `value` is a `tf.IndexedSlices` (without importing TensorFlow)."""
     return keras.backend.backend() == "tensorflow" and type(value).__name__ == "IndexedSlices"
+
+
+def _summed_slices(gradient):
+    """The `IndexedSlices` with repeated ids summed (what a dense gradient holds).
+
+    Keras 2's optimizers did the same before a sparse update; a no-op on
+    slices already summed but for the cost of `tf.unique`.
+    """
+    import tensorflow as tf
+
+    rows, positions = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(rows)[0])
+    return tf.IndexedSlices(values, rows, gradient.dense_shape)
+
+
+def _map_values(value, fn):
+    """`fn` over a dense tensor, or over the values of `IndexedSlices`."""
+    if _is_indexed_slices(value):
+        import tensorflow as tf
+
+        return tf.IndexedSlices(fn(value.values), value.indices, value.dense_shape)
+    return fn(value)

@@ -15,14 +15,21 @@ tf_only = pytest.mark.skipif(
 )
 
 
-def lazy_adam_oracle(var, steps, lr, beta_1, beta_2, epsilon, amsgrad=False):
-    """TF Addons' LazyAdam in NumPy, float64: only the touched rows change."""
+def lazy_adam_oracle(var, steps, lr, beta_1, beta_2, epsilon, amsgrad=False, clip=None):
+    """TF Addons' LazyAdam in NumPy, float64: only the touched rows change.
+
+    `clip`: `(name, value)` of Keras's clipping, applied to the dense gradient.
+    """
     var = var.astype(np.float64).copy()
     m, v, v_hat = (np.zeros_like(var) for _ in range(3))
     for t, (indices, values) in enumerate(steps, start=1):
         rows = np.unique(indices)
         grad = np.zeros_like(var)
         np.add.at(grad, indices, values)  # repeated ids add up
+        if clip and clip[0] in ("clipnorm", "global_clipnorm"):
+            grad *= min(1.0, clip[1] / np.linalg.norm(grad))
+        elif clip:
+            grad = np.clip(grad, -clip[1], clip[1])
         g = grad[rows]
         alpha = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
         m[rows] = beta_1 * m[rows] + (1 - beta_1) * g
@@ -45,8 +52,11 @@ def _random_steps(rng, rows, width, count=4, batch=6):
 
 
 @tf_only
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_sparse_steps_match_the_lazy_adam_oracle(amsgrad):
+@pytest.mark.parametrize("amsgrad,clip", [
+    (False, None), (True, None), (False, ("clipnorm", 0.5)),
+    (False, ("global_clipnorm", 0.5)), (False, ("clipvalue", 0.3)),
+])
+def test_sparse_steps_match_the_lazy_adam_oracle(amsgrad, clip):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
@@ -54,12 +64,12 @@ def test_sparse_steps_match_the_lazy_adam_oracle(amsgrad):
     steps = _random_steps(rng, 20, 3)
     variable = keras.Variable(initial)
     optimizer = LazyAdam(learning_rate=0.05, beta_1=0.8, beta_2=0.95, epsilon=1e-3,
-                         amsgrad=amsgrad)
+                         amsgrad=amsgrad, **dict([clip] if clip else []))
     for indices, values in steps:
         grad = tf.IndexedSlices(tf.constant(values), tf.constant(indices, dtype="int64"),
                                 tf.constant([20, 3], dtype="int64"))
         optimizer.apply([grad], [variable])
-    expected, m, v = lazy_adam_oracle(initial, steps, 0.05, 0.8, 0.95, 1e-3, amsgrad)
+    expected, m, v = lazy_adam_oracle(initial, steps, 0.05, 0.8, 0.95, 1e-3, amsgrad, clip)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), expected, rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(optimizer._momentums[0]), m,

@@ -47,12 +47,14 @@ from benchmarks.report import machine_description
 from benchmarks.report import markdown_table
 from benchmarks.report import update_section
 from benchmarks.report import write_json
+from keras_factorized.atomic_io import atomic_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "aclImdb_v1.tar.gz")
 KEY_RANK = 32
 PLANNED_SEEDS = (0, 1, 2)
 COMBINED_PLOT = "accuracy_vs_params_with_scratch.png"
+SPLITS = ("train", "validation", "test")
 PLOT_KINDS = {
     "full_frozen": ("s", "MiniLM table, frozen"),
     "full_trainable": ("D", "MiniLM table, trainable"),
@@ -145,10 +147,35 @@ class Inputs:
         return self.data
 
     def wordpiece(self):
-        """`(arrays, matrix)` with the MiniLM tokenizer and table."""
+        """`(arrays, matrix)` with the MiniLM tokenizer and table.
+
+        The token ids are cached in OUTPUT_DIR (tokenizing the full data
+        takes minutes on 2 loaded cores), keyed by sequence length, sample
+        count and data seed.
+        """
         if self._wordpiece is None:
+            a = self.args
+            cache = os.path.join(
+                a.output_dir,
+                f"wordpiece_ids_{a.sequence_length}_{a.max_samples or 'all'}_"
+                f"seed{self.example.DATA_SEED}.npz",
+            )
+            if os.path.exists(cache):
+                with np.load(cache) as saved:
+                    arrays = {s: (saved[f"{s}_ids"], saved[f"{s}_labels"]) for s in SPLITS}
+                self._wordpiece = (arrays, minilm_table()[1])
+                return self._wordpiece
             tokenize, matrix, _ = self.example.load_pretrained(minilm_folder(), self.load_data(), 0)
-            arrays = self.example.token_ids(tokenize, self.data, self.args.sequence_length)
+            arrays = self.example.token_ids(tokenize, self.data, a.sequence_length)
+            with atomic_output(cache) as tmp, open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    **{
+                        f"{s}_{k}": arrays[s][i]
+                        for s in SPLITS
+                        for i, k in enumerate(("ids", "labels"))
+                    },
+                )
             self._wordpiece = (arrays, matrix)
         return self._wordpiece
 

@@ -76,6 +76,9 @@ def test_rank_choice_and_goals_follow_the_issue():
 
 ANALYSIS = {
     "energy": {"32": 0.285, "128": 0.661},
+    "init_scale": {"rank": 32, "full": {"row_norm": 1.07},
+                   "svd": {"a_std": 0.024, "b_std": 0.215, "row_norm": 0.57},
+                   "scratch": {"a_std": 0.029, "b_std": 0.051, "row_norm": 0.16}},
     "coverage": {"reviews": 10, "words_mean": 227.0, "wordpiece_mean": 291.0,
                  "words_fit": 0.6, "wordpiece_fit": 0.45},
 }  # fmt: skip
@@ -98,6 +101,7 @@ def test_markdown_marks_a_partial_run_and_lists_every_model(monkeypatch):
     # The flat spectrum and what a frozen low-rank copy loses, the token coverage.
     assert "rank 32: 28.5%, rank 128: 66.1%" in text and "rank 32: 72.00 (1 seed), -7.00" in text
     assert "45% of reviews fit whole in 200 WordPiece tokens, 60% in 200 words" in text
+    assert "std 0.024 (`A`) and 0.215 (`B`) and give embedding rows of mean norm 0.57" in text
 
 
 def test_markdown_shows_the_spread_over_seeds():

@@ -471,6 +471,66 @@ def test_choices_and_defaults_come_from_the_library():
     assert "layer outputs" not in actions["method"].help
 
 
+def test_every_config_option_has_a_flag_with_help():
+    """Each option of `WhitenedConfig` and `DistillationConfig` is a flag of
+    `compress` (or set by another flag), with the library's default and help."""
+    import dataclasses
+
+    from keras_factorized import surgery
+    from keras_factorized.cli import compress_command
+    from keras_factorized.surgery import config
+    from keras_factorized.surgery import report
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in subparsers.choices["compress"]._actions}
+    for cls, flags in [
+        (surgery.WhitenedConfig, compress_command.WHITENING_FLAGS),
+        (surgery.DistillationConfig, compress_command.DISTILLATION_FLAGS),
+    ]:
+        for field in dataclasses.fields(cls):
+            assert field.name in flags, f"{cls.__name__}.{field.name} has no compress flag"
+            if flags[field.name] is None:
+                continue
+            action = actions[flags[field.name][0].lstrip("-").replace("-", "_")]
+            assert action.default == getattr(cls(), field.name)
+            assert len(action.help) > 20 and field.name.replace("_", " ") != action.help
+    assert actions["seed"].default == surgery.DistillationConfig().seed
+    assert actions["batch_size"].default == 32
+    trainable = actions["distillation_trainable"]
+    assert tuple(trainable.choices) == config.DISTILLATION_TRAINABLE
+    for descriptions, choices in [
+        (compress_command.TRAINABLE_HELP, config.DISTILLATION_TRAINABLE),
+        (report.REPORT_FORMATS, tuple(report.REPORT_FORMATS)),
+    ]:
+        assert set(choices) <= set(descriptions)  # every choice explained
+        for choice in choices:
+            assert descriptions[choice]
+    for choice in report.REPORT_FORMATS:
+        assert choice in actions["report"].help
+
+
+def test_field_help_reads_each_option_of_a_docstring():
+    from keras_factorized.cli import _common
+
+    class Options:
+        """Options.
+
+        Args:
+            first: one line.
+            second: two
+                lines.
+
+        Example:
+
+        >>> 1
+        """
+
+    assert _common.field_help(Options, "first") == "one line."
+    assert _common.field_help(Options, "second") == "two lines."
+    assert _common.field_help(Options, "third_one") == "third one"
+
+
 @needs_surgery
 def test_compress_learned_with_calibration(capsys, workdir, tmp_path):
     x = np.load(workdir / "data.npz")["x"][:64]
@@ -487,6 +547,68 @@ def test_compress_learned_with_calibration(capsys, workdir, tmp_path):
     small = keras.saving.load_model(out)
     assert type(small.get_layer("hidden")).__name__ == "LowRankDense"
     assert small.get_layer("hidden").rank == 2
+
+
+@needs_surgery
+def test_compress_learned_options_seed_and_reports(capsys, workdir, tmp_path):
+    """Every distillation option reaches `factorize`; the same seed writes the
+    same model; the report is written as JSON, Markdown and CSV."""
+    x = np.load(workdir / "data.npz")["x"]
+    np.save(tmp_path / "calib.npy", x[:32])
+    np.savez(tmp_path / "distil.npz", x=x[32:96])
+    common = [
+        "compress", workdir / "pooled.keras", "--param-ratio", "0.5", "--method", "learned",
+        "--calibration", tmp_path / "calib.npy", "--distillation-data", tmp_path / "distil.npz",
+        "--distillation-epochs", "1", "--block-epochs", "1", "--learning-rate", "0.001",
+        "--batch-size", "16", "--allocation", "uniform", "--no-sequential",
+        "--distillation-loss", "mae", "--distillation-trainable", "all", "--seed", "3", "-q",
+    ]
+    weights = []
+    for i, suffix in enumerate([".json", ".md", ".csv"]):
+        out, report = tmp_path / f"small{i}.keras", tmp_path / f"report{suffix}"
+        code, stdout, err = _run(capsys, [*common, "-o", out, "--report", report])
+        assert code == 0, err
+        assert f"Wrote {report}" in stdout
+        assert "model output error on the calibration data" in stdout
+        weights.append(keras.saving.load_model(out).get_weights())
+        text = report.read_text()
+        if suffix == ".json":
+            data = json.loads(text)
+            assert data["settings"]["seed"] == 3 and data["settings"]["allocation"] == "uniform"
+            assert list(data["output_errors"]) == ["factorized", "distilled"]
+            hidden = next(r for r in data["layers"] if r["path"] == "hidden")
+            assert hidden["allocation"] == "uniform ratio" and hidden["rank"] is not None
+            assert any("block-wise" in n for n in data["notes"])
+        elif suffix == ".md":
+            assert "| hidden |" in text and "uniform ratio" in text
+        else:
+            header = text.splitlines()[0].split(",")
+            assert header[:4] == ["path", "layer_class", "shape", "rank"]
+            assert "allocation" in header and len(text.splitlines()) == 4
+    for a, b in zip(weights[0], weights[1]):
+        np.testing.assert_array_equal(a, b)
+    assert _no_leftovers(tmp_path, ["calib.npy", "distil.npz"] + [
+        f"small{i}.keras" for i in range(3)] + ["report.json", "report.md", "report.csv"]) == []
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--report", "r.html"], "must end with .json or .md or .csv or .txt"),
+        (["--distillation-epochs", "-1"], "--distillation-epochs"),
+        (["--distillation-trainable", "some"], "--distillation-trainable"),
+        (["--seed", "x"], "--seed"),
+        (["--distillation-outputs", ","], "--distillation-outputs"),
+    ],
+)
+def test_compress_bad_option_values(capsys, workdir, tmp_path, extra, fragment):
+    code, _, err = _run(
+        capsys,
+        ["compress", workdir / "tiny.keras", "-o", tmp_path / "s.keras", "--rank", "2", *extra],
+    )
+    assert code == 2
+    _assert_one_line_error(err, fragment)
+    assert os.listdir(tmp_path) == []
 
 
 def _variables(layer):

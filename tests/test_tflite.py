@@ -154,3 +154,34 @@ def test_mixed_precision_model_converts_through_a_float32_copy(tmp_path):
     # The Keras model computes in bfloat16 (8 bits of mantissa), TFLite in float32.
     np.testing.assert_allclose(got, expected, atol=2e-2)
     assert any(layer.compute_dtype == "bfloat16" for layer in _keras_compat.flatten_layers(model, include_self=True))
+
+
+def test_quantized_mixed_precision_model_keeps_int8_factors(tmp_path):
+    # A mixed_bfloat16 model quantized to int8 ("int8_from_mixed_bfloat16"):
+    # the float32 copy is quantized too ("int8_from_float32"), so the TFLite
+    # file holds the int8 factor A (gathered row by row), not float32 values.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_classifier(200, 12, 8, 4, rank=2)
+    keras.mixed_precision.set_global_policy("float32")
+    float_path = export.export_tflite(model, os.path.join(tmp_path, "float.tflite"))
+    embedding = model.get_layer("embedding")
+    embedding.quantize("int8")
+    assert embedding.dtype_policy.name == "int8_from_mixed_bfloat16"
+    ids = np.random.default_rng(0).integers(1, 200, size=(1, 12)).astype("int32")
+    path = export.export_tflite(model, os.path.join(tmp_path, "int8.tflite"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_path=path)
+    int8_shapes = [tuple(t["shape"]) for t in interpreter.get_tensor_details()
+                   if t["dtype"] == np.int8]
+    assert (200, 2) in int8_shapes
+    got = interpreter.get_signature_runner()(inputs=ids)["predictions"]
+    expected = keras.ops.convert_to_numpy(model(ids)).astype("float32")
+    np.testing.assert_allclose(got, expected, atol=2e-2)  # bfloat16 Keras, float32 TFLite
+    # 400 entries of A: 1,600 float32 bytes become 400 int8 bytes.
+    assert os.path.getsize(path) <= os.path.getsize(float_path) - 1000
+    assert embedding.dtype_policy.name == "int8_from_mixed_bfloat16"  # the model is unchanged
+    version = export.export_for_serving(model, os.path.join(tmp_path, "serving"))
+    served = tf.saved_model.load(version).signatures["serving_default"]
+    np.testing.assert_allclose(served(inputs=tf.constant(ids))["predictions"].numpy(), expected,
+                               atol=1e-2)

@@ -479,3 +479,74 @@ def test_reversible_embedding_is_kept_with_a_reason():
     token = [r for path, r in rows.items() if path.endswith("token_embedding")]
     assert len(token) == 1 and token[0].rank is None
     assert "output projection" in token[0].note
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        (dict(rank=4), "fixed rank"),
+        (dict(energy=0.5), "energy 0.5: smallest rank keeping this fraction of the spectrum"),
+        (dict(param_ratio=0.5, allocation="uniform"), "uniform ratio"),
+        (dict(param_ratio=0.5, allocation="greedy"),
+         "greedy: relative squared error removed per parameter"),
+        (dict(param_ratio=0.5), "sensitivity: marginal output error per parameter"),
+    ],
+)
+def test_report_says_why_each_layer_has_its_rank(kwargs, reason):
+    x = _correlated_inputs(64, 24)
+    small = factorize(_mlp(), calibration_data=x, **kwargs)
+    rows = {r.path: r for r in small.factorization_report.layers}
+    assert rows["d1"].rank is not None and rows["d1"].allocation == reason
+    assert rows["head"].rank is None
+    assert rows["head"].allocation == "kept: factorizing saves nothing"
+    assert reason in str(small.factorization_report)
+    sensitivity = "allocation" not in kwargs and "param_ratio" in kwargs
+    assert (rows["d1"].sensitivity is not None) == sensitivity
+
+
+def test_report_gives_the_model_output_error_after_each_step():
+    """Oracle: the report's model output error is `||Y' - Y|| / ||Y||` on the
+    calibration data; for `learned`, before and after distillation."""
+    model = _mlp()
+    x = _correlated_inputs(64, 24)
+    from keras_factorized.surgery import DistillationConfig
+    from keras_factorized.surgery import WhitenedConfig
+
+    small = factorize(model, rank=3, method="whitened", calibration_data=x,
+                      whitening=WhitenedConfig(sequential=False))
+    errors = small.factorization_report.output_errors
+    expected = np.linalg.norm(_np(small(x)) - _np(model(x))) / np.linalg.norm(_np(model(x)))
+    assert list(errors) == ["factorized"]
+    np.testing.assert_allclose(errors["factorized"], expected, rtol=1e-4)
+    learned = factorize(model, rank=3, method="learned", calibration_data=x,
+                        whitening=WhitenedConfig(sequential=False),
+                        distillation=DistillationConfig(epochs=2, learning_rate=1e-3))
+    report = learned.factorization_report
+    assert list(report.output_errors) == ["factorized", "distilled"]
+    np.testing.assert_allclose(report.output_errors["factorized"], expected, rtol=1e-4)
+    after = np.linalg.norm(_np(learned(x)) - _np(model(x))) / np.linalg.norm(_np(model(x)))
+    np.testing.assert_allclose(report.output_errors["distilled"], after, rtol=1e-4)
+    assert "factorized" in report.output_error_line() and "distilled" in str(report)
+    assert factorize(model, rank=3).factorization_report.output_errors == {}
+
+
+def test_report_writes_json_markdown_csv_and_text(tmp_path):
+    import csv
+    import json
+
+    report = factorize(_mlp(), rank=4, calibration_data=_correlated_inputs(32, 24))
+    report = report.factorization_report
+    for suffix in (".json", ".md", ".csv", ".txt"):
+        report.write(tmp_path / f"report{suffix}")
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["layers"][0]["allocation"] == "fixed rank"
+    assert data["settings"] == {"rank": 4} and "factorized" in data["output_errors"]
+    assert "| d1 |" in (tmp_path / "report.md").read_text()
+    with open(tmp_path / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == ["d1", "d2", "head"]
+    assert rows[0]["shape"] == "24x32" and rows[0]["rank"] == "4"
+    assert (tmp_path / "report.txt").read_text() == str(report) + "\n"
+    with pytest.raises(ValueError, match=r"`path`.*\.json.*Received: path="):
+        report.write(tmp_path / "report.html")
+    assert sorted(os.listdir(tmp_path)) == [f"report{s}" for s in (".csv", ".json", ".md", ".txt")]

@@ -73,6 +73,7 @@ DISTILLATION_FLAGS = {
     "loss": ("--distillation-loss", dict(metavar="LOSS")),
     "trainable": ("--distillation-trainable", {}),  # choices and help: _add_method_flags
     "seed": None,  # --seed
+    "time_budget": ("--time-budget", dict(type=_common.positive_float, metavar="SECONDS")),
 }
 
 
@@ -156,7 +157,8 @@ def _add_method_flags(p) -> None:
     p.add_argument(
         "--seed", type=int, metavar="N", default=surgery.DistillationConfig().seed,
         help="seeds every random step (the order of the distillation batches): the same "
-        "command on the same model and data writes the same model",
+        "command on the same model and data writes the same model (unless a "
+        "--time-budget cuts the training short)",
     )
     _common.add_config_flags(p, surgery.WhitenedConfig, WHITENING_FLAGS, "whitened/learned")
     choices = surgery.config.DISTILLATION_TRAINABLE

@@ -46,7 +46,9 @@ Conventions, and why:
   (the order of the distillation batches) is seeded from `seed`; the model
   runs with `training=False` (no dropout); nothing depends on layer names,
   on object ids that Python may reuse, or on global Keras state. A
-  `tf.data.Dataset` given as data must not shuffle without a seed of its own.
+  `tf.data.Dataset` given as data must not shuffle without a seed of its own,
+  and a distillation time budget, once reached, makes the result depend on
+  the machine's speed.
 """
 
 from __future__ import annotations

@@ -251,6 +251,12 @@ def render_imdb(results) -> str:
     if fewer:
         lines += [f"Fewer seeds for {', '.join(fewer)}: the runs of the other seeds trained "
                   "only the other models, to fit the time budget of a shared 2-core machine.", ""]
+    for same in (True, False):
+        repeated = [f"{m} seed {seed}" for m, seed, s in results.get("repeated", []) if s == same]
+        if repeated:
+            lines += [f"Trained by two of these runs, with {'identical' if same else 'different'}"
+                      f" test accuracies (float32 and int8), counted once (the first run's): "
+                      f"{', '.join(repeated)}.", ""]
     lines += _imdb_goals(by_name)
     lines += ["", "Reconstruction error of the int8 embedding table (seed "
               f"{runs[0]['seed']}): relative Frobenius error of the whole table, and "
@@ -363,12 +369,19 @@ def merged_results(paths) -> dict:
             results.append(json.load(f))
     merged = dict(results[0])
     if "runs" in merged:
-        runs = {}
+        runs, repeated = {}, []
         for run in (run for r in results for run in r["runs"]):
             # A (model, seed) trained by two runs: keep the first (the
-            # training is deterministic: the same seed gives the same model).
-            runs.setdefault((run["model"], run["seed"]), run)
+            # training is deterministic: the same seed gives the same model),
+            # and say whether the second gave the same accuracies.
+            key = (run["model"], run["seed"])
+            if key in runs:
+                same = all(runs[key][p]["test_accuracy"] == run[p]["test_accuracy"]
+                           for p in ("float32", "int8"))
+                repeated.append([*key, same])
+            runs.setdefault(key, run)
         merged["runs"] = list(runs.values())
+        merged["repeated"] = repeated
         merged["commands"] = [(r["command"], r.get("seeds", [])) for r in results]
     return merged
 

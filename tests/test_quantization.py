@@ -420,3 +420,5 @@ def test_benchmark_renders_merged_runs(tmp_path):
     assert "`first` (seeds finished: 0); `second` (seeds finished: 1)" in markdown
     assert "| baseline | float32 | 2 | 85.50 ± 0.71 |" in markdown
     assert "int8 test accuracy +0.10 points below float rank 4" in markdown
+    assert "Trained by two of these runs, with different test accuracies" in markdown
+    assert "counted once (the first run's): baseline seed 1." in markdown

@@ -85,3 +85,17 @@ def test_lazy_adam_imdb_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         lazy_adam_imdb.main(["--epochs", "0"])
     assert "`--epochs`, expected an integer >= 1. Received: 0" in capsys.readouterr().err
+
+
+def test_vocab_jax_profile_tiny_runs_on_jax():
+    import keras
+
+    from benchmarks import vocab_jax_profile
+
+    if keras.backend.backend() != "jax":
+        with pytest.raises(ValueError, match="expected 'jax'"):
+            vocab_jax_profile.run(rows=100, repeats=1, write=False)
+        return
+    result = vocab_jax_profile.run(rows=500, repeats=1, write=False)
+    assert len(result["seconds"]) == 6 and all(s > 0 for s in result["seconds"].values())
+    assert "where the JAX step spends its time" in result["markdown"]

@@ -550,3 +550,22 @@ def test_report_writes_json_markdown_csv_and_text(tmp_path):
     with pytest.raises(ValueError, match=r"`path`.*\.json.*Received: path="):
         report.write(tmp_path / "report.html")
     assert sorted(os.listdir(tmp_path)) == [f"report{s}" for s in (".csv", ".json", ".md", ".txt")]
+
+
+def test_sequential_refit_leaves_embeddings_to_their_svd():
+    """A model with an `Embedding` factorizes with the sequential refit (its
+    inputs are ids, not features: only the layers after it are refitted)."""
+    from keras_factorized.surgery import WhitenedConfig
+
+    model = keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        keras.layers.Embedding(50, 16, name="emb"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(24, name="dense"),
+    ])
+    x = np.random.default_rng(0).integers(0, 50, (32, 6)).astype("int32")
+    small = factorize(model, rank=4, method="whitened", calibration_data=x,
+                      whitening=WhitenedConfig(sequential=True))
+    rows = {r.path: r for r in small.factorization_report.layers}
+    assert rows["emb"].rank == 4 and rows["dense"].rank == 4
+    assert "sequential refit" in small.factorization_report.output_errors

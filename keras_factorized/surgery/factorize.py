@@ -256,7 +256,8 @@ def _refine(call, new_model, targets, report, verbose):
         sequential.sequential_update(
             call.model,
             new_model,
-            targets,
+            # Only layers with input statistics: an embedding's input is ids.
+            [t for t in targets if t.stats is not None],
             data,
             call.batch_size,
             call.whitening.damping,

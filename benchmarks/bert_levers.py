@@ -51,7 +51,10 @@ from keras_factorized.datasets.imdb import balanced_sample  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bert_levers")
 
-# (projections, method, allocation, sequential, distillation options)
+# (projections, method, allocation, sequential, distillation options): None
+# leaves the option at `factorize`'s default; rows 0-6 are the levers one by
+# one (sequential refit without and, from row 6, with the residual
+# correction), 7 and 8 what a user gets from the defaults.
 LEVERS = [
     ("all six", "whitened", "uniform", False, None),
     ("all six", "whitened", "greedy", False, None),
@@ -60,17 +63,33 @@ LEVERS = [
     ("all six", "whitened", "sensitivity", True, None),
     ("Q/K/V", "whitened", "sensitivity", True, None),
     ("all six", "learned", "sensitivity", True, dict(block_epochs=2, epochs=2)),
+    ("all six", "whitened", None, None, None),
+    ("all six", "learned", None, None, dict(defaults=True)),
+    ("Q/K/V", "whitened", None, None, None),
 ]
+# Levers measured before the sequential refit had its residual correction
+# (and the sensitivity allocation could keep a layer whole): their JSON files
+# say so (no "residual" field); rerun them to measure the current code.
 
 
-def run_lever(index, backbone, data, log):
-    from keras_factorized import factorize
+def _factorize_kwargs(index, data):
     from keras_factorized.surgery import DistillationConfig
     from keras_factorized.surgery import WhitenedConfig
 
     selection, method, allocation, sequential, distill = LEVERS[index]
-    kwargs = {}
-    if distill is not None:
+    kwargs = dict(
+        param_ratio=0.5,
+        method=method,
+        include=ALL_SIX if selection == "all six" else QKV,
+        calibration_data=data["calibration"],
+    )
+    if allocation is not None:
+        kwargs["allocation"] = allocation
+    if sequential is not None:
+        kwargs["whitening"] = WhitenedConfig(sequential=sequential)
+    if distill is not None and distill.get("defaults"):
+        kwargs["distillation"] = DistillationConfig(data=data["distillation"])
+    elif distill is not None:
         kwargs["distillation"] = DistillationConfig(
             data=data["distillation"],
             learning_rate=2e-4,
@@ -79,56 +98,75 @@ def run_lever(index, backbone, data, log):
             loss="cosine_similarity",
             **distill,
         )
+    return kwargs
+
+
+def run_lever(index, backbone, data, log):
+    from keras_factorized import factorize
+
+    kwargs = _factorize_kwargs(index, data)
     start = time.perf_counter()
-    small = factorize(
-        backbone,
-        param_ratio=0.5,
-        method=method,
-        include=ALL_SIX if selection == "all six" else QKV,
-        allocation=allocation,
-        calibration_data=data["calibration"],
-        whitening=WhitenedConfig(sequential=sequential),
-        **kwargs,
-    )
+    small = factorize(backbone, **kwargs)
     seconds = time.perf_counter() - start
     report = small.factorization_report
     cosine = mean_cosine(sentence_embeddings(small, data["evaluation"]), data["reference"])
     log(f"lever {index} {LEVERS[index]}: cosine {cosine:.4f} ({seconds:.0f} s)")
+    selection, method, allocation, sequential, distill = LEVERS[index]
+    whitening = kwargs.get("whitening")
     return dict(
         index=index,
         selection=selection,
         method=method,
-        allocation=allocation,
-        sequential=sequential,
+        allocation=allocation or "auto (default)",
+        sequential=sequential if sequential is not None else "default",
+        residual=bool(whitening is None or whitening.residual) and sequential is not False,
         distillation=distill,
         param_ratio=report.param_ratio,
         cosine=cosine,
         seconds=seconds,
         ranks=[r.rank for r in report.factorized],
+        kept_whole=sum("keeps it whole" in (r.note or "") for r in report.layers),
+        load_average=os.getloadavg()[0],
         notes=report.notes,
     )
+
+
+def _training(distill) -> str:
+    if not distill:
+        return "-"
+    if distill.get("defaults"):
+        return "defaults (`DistillationConfig(data=...)`)"
+    return f"{distill['block_epochs']} block-wise + {distill['epochs']} end-to-end epochs"
+
+
+def _sequential(r) -> str:
+    if r["sequential"] is False:
+        return "no"
+    residual = r.get("residual")
+    label = "yes" if r["sequential"] is True else "default (yes)"
+    if residual is None:
+        return f"{label}, without residual correction"
+    return f"{label}, with residual correction" if residual else label
 
 
 def render(rows) -> str:
     rows = sorted(rows, key=lambda r: r["index"])
     table = []
     for r in rows:
-        distill = r["distillation"]
-        training = (
-            "-"
-            if not distill
-            else f"{distill['block_epochs']} block-wise + {distill['epochs']} end-to-end epochs"
-        )
+        allocation = r["allocation"]
+        if r.get("kept_whole"):
+            allocation += f" ({r['kept_whole']} kept whole)"
         table.append(
             [
                 r["selection"],
                 r["method"],
-                r["allocation"],
-                "yes" if r["sequential"] else "no",
-                training,
+                allocation,
+                _sequential(r),
+                _training(r["distillation"]),
                 f"{r['param_ratio']:.3f}",
                 f"{r['cosine']:.4f}",
-                f"{r['seconds']:.0f}",
+                f"{r['seconds']:.0f}"
+                + (f" (load {r['load_average']:.0f})" if "load_average" in r else ""),
             ]
         )
     return "\n".join(
@@ -140,8 +178,12 @@ def render(rows) -> str:
             "sentence embeddings to the original's on 256 IMDB test reviews (sequence "
             "length 128). `learned` distils on 512 other train reviews (cosine loss on "
             "`sequence_output`, peak learning rate 2e-4, batch 16) and keeps the best "
-            "factors on the calibration reviews. Time: the `factorize` call, on a shared "
-            "machine (other jobs running: compare within a table only).",
+            "factors on the calibration reviews; `defaults` is `DistillationConfig(data=...)` "
+            "and nothing else. Time: the `factorize` call, on a shared 2-core machine "
+            "(load average beside it when recorded: compare within a table only). The "
+            "sequential refit's residual correction (a layer added to the residual stream "
+            "also absorbs the compressed residual's error) is newer than rows measured "
+            "without it.",
             "",
             markdown_table(
                 [

@@ -86,7 +86,7 @@ def test_sequential_update_never_increases_the_error_of_a_linear_model():
     x = _inputs(512, 24)
     expected = _np(model(x))
     kwargs = dict(rank=4, method="whitened", calibration_data=x)
-    plain = factorize(model, whitening=WhitenedConfig(damping=1e-6), **kwargs)
+    plain = factorize(model, whitening=WhitenedConfig(damping=1e-6, sequential=False), **kwargs)
     refit = factorize(model, whitening=WhitenedConfig(damping=1e-6, sequential=True), **kwargs)
     err_plain = np.linalg.norm(_np(plain(x)) - expected)
     err_refit = np.linalg.norm(_np(refit(x)) - expected)
@@ -133,7 +133,7 @@ def test_sequential_update_on_a_keras_hub_backbone():
     }
     expected = _np(bert(x)["sequence_output"])
     kwargs = dict(param_ratio=0.5, method="whitened", calibration_data=x, allocation="uniform")
-    plain = factorize(bert, **kwargs)
+    plain = factorize(bert, whitening=WhitenedConfig(sequential=False), **kwargs)
     refit = factorize(bert, whitening=WhitenedConfig(sequential=True), **kwargs)
     assert isinstance(refit, keras_hub.models.BertBackbone)
     err_plain = np.linalg.norm(_np(plain(x)["sequence_output"]) - expected)
@@ -244,3 +244,36 @@ def test_blockwise_distillation_is_undone_when_it_hurts_held_out_data():
     for a, b in zip(start.get_weights(), wrecked.get_weights()):
         np.testing.assert_allclose(a, b)
     assert wrecked.factorization_report.notes[-1].endswith("undone")
+
+
+def test_sequential_refit_is_the_default():
+    # The refit only ever lowers each layer's calibration error (it keeps a
+    # layer's factors where the refit would fit worse), so it is on by default.
+    assert WhitenedConfig().sequential and WhitenedConfig().residual
+    model = _linear_mlp()
+    x = _inputs(256, 24)
+    small = factorize(model, rank=4, method="whitened", calibration_data=x)
+    notes = {r.note for r in small.factorization_report.factorized}
+    assert notes == {"whitened, sequential"}
+
+
+def test_distillation_time_budget_stops_training():
+    from keras_factorized.surgery import DistillationConfig
+
+    model = _linear_mlp()
+    x, held_out = _inputs(256, 24, seed=0), _inputs(64, 24, seed=1)
+    config = DistillationConfig(data=x, epochs=50, batch_size=8, time_budget=1e-6)
+    small = factorize(
+        model, rank=3, method="learned", calibration_data=held_out, distillation=config
+    )
+    # One step, then the budget is spent: one epoch recorded of the 50.
+    history = [n for n in small.factorization_report.notes if n.startswith("distillation loss")]
+    assert len(history[0].split(":")[1].split(",")) == 1
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, True, "10"])
+def test_invalid_time_budget(budget):
+    from keras_factorized.surgery import DistillationConfig
+
+    with pytest.raises(ValueError, match="`time_budget`"):
+        DistillationConfig(time_budget=budget)

@@ -16,6 +16,7 @@ import numpy as np
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import batches
+from keras_factorized.surgery.distillation import Deadline
 from keras_factorized.surgery.distillation import _optimizer
 from keras_factorized.surgery.distillation import only_trainable
 
@@ -46,7 +47,7 @@ def _split_kwargs(record):
     return arrays, others
 
 
-def _train_block(block, layers, student_calls, teacher_outputs, config, seed, progbar):
+def _train_block(block, layers, student_calls, teacher_outputs, config, seed, progbar, deadline):
     _, fixed = _split_kwargs(student_calls[0])
     inputs = [dict(_split_kwargs(c)[0], x=c[0]) for c in student_calls]
     with only_trainable(block, layers):
@@ -62,7 +63,11 @@ def _train_block(block, layers, student_calls, teacher_outputs, config, seed, pr
                 epoch.append(float(np.ravel(out)[0]))
                 if progbar is not None:
                     progbar.add(1, [("block loss", epoch[-1])])
+                if deadline.expired():
+                    break
             losses.append(float(np.mean(epoch)))
+            if deadline.expired():
+                break
     return losses
 
 
@@ -83,6 +88,8 @@ def blockwise_distill(model, new_model, targets, data, config, verbose=0):
         len(paths) * config.block_epochs * len(data_batches), verbose=verbose
     )
     final_losses = []
+    # The blocks share the budget: each may use what the blocks before it left.
+    deadline = Deadline(config.time_budget)
     for i, path in enumerate(paths):
         block = walk.navigate(new_model, path)
         layers = [
@@ -92,7 +99,7 @@ def blockwise_distill(model, new_model, targets, data, config, verbose=0):
         ]
         outputs = [c[3] for c in teacher_calls[i]]
         losses = _train_block(
-            block, layers, student_calls, outputs, config, config.seed + i, progbar
+            block, layers, student_calls, outputs, config, config.seed + i, progbar, deadline
         )
         final_losses.append(losses[-1])
         if i + 1 == len(paths):

@@ -37,6 +37,13 @@ class WhitenedConfig:
         sequential: after the whitened factors, refit each layer's factors,
             block by block in model order, to the inputs the compressed
             model really feeds it (closed form; see `surgery.sequential`).
+            A refit is kept only where it lowers the layer's error on the
+            calibration data, so it never makes a layer fit worse.
+        residual: in the sequential refit, a layer whose output is added
+            to a residual stream (a Transformer block's attention output and
+            second feed-forward projection) also absorbs the difference
+            between the original and the compressed residual, as far as its
+            inputs predict it (`sequential.residual_links`).
 
     Example:
 
@@ -46,7 +53,8 @@ class WhitenedConfig:
 
     damping: float = 0.01
     bias_correction: bool = False
-    sequential: bool = False
+    sequential: bool = True
+    residual: bool = True
 
     def __post_init__(self):
         if (
@@ -55,7 +63,7 @@ class WhitenedConfig:
             or self.damping < 0
         ):
             raise invalid_value("damping", "a number >= 0", self.damping)
-        for name in ("bias_correction", "sequential"):
+        for name in ("bias_correction", "sequential", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_type(name, "a boolean", getattr(self, name))
 
@@ -82,6 +90,11 @@ class DistillationConfig:
         trainable: `"factors"` trains only the new layers; `"all"` also the
             layers that were kept (normalizations, ...).
         seed: seeds the order of the batches.
+        time_budget: seconds each training phase (block-wise, end-to-end)
+            may take; it stops after the step that crosses it (the
+            factors kept are then those of the best held-out loss seen, the
+            start included). `None`: no limit. A budget makes the result
+            depend on the machine's speed.
 
     Example:
 
@@ -98,6 +111,7 @@ class DistillationConfig:
     loss: Any = "mse"
     trainable: str = "factors"
     seed: int = 0
+    time_budget: float | None = None
 
     def __post_init__(self):
         for name, low in (("epochs", 0), ("block_epochs", 0), ("batch_size", 1)):
@@ -114,6 +128,12 @@ class DistillationConfig:
             raise invalid_value("trainable", f"one of {DISTILLATION_TRAINABLE}", self.trainable)
         if not is_integer(self.seed):
             raise invalid_value("seed", "an integer", self.seed)
+        if self.time_budget is not None and (
+            not isinstance(self.time_budget, numbers.Real)
+            or isinstance(self.time_budget, bool)
+            or not self.time_budget > 0
+        ):
+            raise invalid_value("time_budget", "a number of seconds > 0, or None", self.time_budget)
 
 
 # factorize's keyword arguments before the config objects: name -> (config, field).

@@ -10,6 +10,7 @@ once, before training.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import keras
 import numpy as np
@@ -57,6 +58,16 @@ def only_trainable(model, layers, train_all=False):
     finally:
         for layer, trainable in saved:
             layer.trainable = trainable
+
+
+class Deadline:
+    """`expired()` once `seconds` have passed since it was made (never for `None`)."""
+
+    def __init__(self, seconds):
+        self.end = None if seconds is None else time.monotonic() + float(seconds)
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
 
 
 def _optimizer(learning_rate, steps):
@@ -129,17 +140,22 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None):
             best = [np.array(to_numpy(v)) for v in trained]
         progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
         rng = np.random.default_rng(config.seed)
+        deadline = Deadline(config.time_budget)
         for _ in range(config.epochs):
             losses = []
             for i in rng.permutation(len(inputs)):
                 loss = float(np.ravel(distiller.train_on_batch(inputs[i], targets[i]))[0])
                 losses.append(loss)
                 progbar.add(1, [("loss", loss)])
+                if deadline.expired():
+                    break
             history.append(float(np.mean(losses)))
             if held_inputs:
                 held_out.append(_mean_loss(distiller, held_inputs, held_targets))
                 if held_out[-1] <= min(held_out[:-1]):
                     best = [np.array(to_numpy(v)) for v in trained]
+            if deadline.expired():
+                break
         if held_inputs:
             for variable, value in zip(trained, best):
                 variable.assign(value)

@@ -65,7 +65,7 @@ def choose_ranks(
         uniform_ranks(usable, param_ratio)
     elif usable and allocation == "sensitivity":
         weights = {id(t): g for t, g in zip(targets, gains)}
-        greedy_ranks(usable, param_ratio, [weights[id(t)] for t in usable])
+        greedy_ranks(usable, param_ratio, [weights[id(t)] for t in usable], keep_whole=True)
     elif usable:
         greedy_ranks(usable, param_ratio)
 
@@ -89,12 +89,15 @@ def budget(targets, param_ratio) -> float:
     return param_ratio * sum(t.shape[0] * t.shape[1] for t in targets) - (1 - param_ratio) * biases
 
 
-def greedy_ranks(targets, param_ratio, weights=None):
+def greedy_ranks(targets, param_ratio, weights=None, keep_whole=False):
     """One budget spent where it removes the most error per parameter.
 
     Without `weights`, each layer's relative squared error (so that layers of
     different scales compete on equal terms); with them, `weights[i]` times
     its squared singular values (an estimate of the error at the outputs).
+    With `keep_whole`, a layer that reaches the largest rank that saves
+    parameters may be kept unfactorized (its whole error removed for the
+    last few parameters), the budget spent on the others.
     """
     gains = []
     for i, t in enumerate(targets):
@@ -110,6 +113,9 @@ def greedy_ranks(targets, param_ratio, weights=None):
         budget(targets, param_ratio),
         min_rank=1,
         max_ranks=[t.max_useful_rank for t in targets],
+        whole_costs=[t.shape[0] * t.shape[1] if keep_whole else None for t in targets],
     )
     for t, k in zip(targets, ranks):
         t.rank = k
+        if k is None:
+            t.note = "kept: the allocation keeps it whole (its factors would save nothing)"

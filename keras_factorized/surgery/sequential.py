@@ -22,9 +22,12 @@ from keras_factorized import data_aware
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import batches
+from keras_factorized.surgery.calibration import to_numpy
 
 
-def sequential_update(model, new_model, targets, data, batch_size, damping, split, progbar=None):
+def sequential_update(
+    model, new_model, targets, data, batch_size, damping, split, progbar=None, residual=True
+):
     """Refits the factors of every factorized target of `new_model` in place.
 
     Args:
@@ -36,6 +39,9 @@ def sequential_update(model, new_model, targets, data, batch_size, damping, spli
         damping: as in `WhitenedConfig`.
         split: how singular values are shared between `A` and `B`.
         progbar: an optional `keras.utils.Progbar`, advanced once per layer.
+        residual: layers whose output is added to a residual stream also
+            absorb the difference between the original and the compressed
+            residual (`residual_links`).
     """
     factorized = [t for t in targets if t.rank is not None]
     paths = list(dict.fromkeys(blocks_lib.block_path(t.path) for t in factorized))
@@ -60,6 +66,7 @@ def sequential_update(model, new_model, targets, data, batch_size, damping, spli
             damping,
             split,
             progbar,
+            residual,
         )
         if i + 1 == len(paths):
             break
@@ -79,6 +86,62 @@ def _layer_inputs(block, layers, calls):
     return per_layer
 
 
+def _is_norm(layer) -> bool:
+    return not getattr(layer, "_layers", None) and "norm" in type(layer).__name__.lower()
+
+
+def residual_links(block, targets, call):
+    """Per target (by `id`), where the residual its output is added to comes
+    from: `()` (the block's input) or the path, in the block, of the layer
+    whose input it is; targets whose output feeds no residual sum are absent.
+
+    Found on one recorded call of the original `block`: the output `y` of a
+    target is added to a residual `r` when some normalization layer's input,
+    or the block's output, equals `y + r`, `r` being the block's input or the
+    input of a normalization layer or of a target (post- and pre-norm
+    Transformer blocks alike).
+    """
+    norms = {path: layer for _, _, layer, path in walk.walk(block) if _is_norm(layer)}
+    layers = [t.original for t in targets] + list(norms.values())
+    with blocks_lib.capture_calls(layers, keep_outputs=True) as records:
+        block_output = to_numpy(blocks_lib.run_block(block, call))
+    first = {id(layer): records[id(layer)][0] for layer in layers if records[id(layer)]}
+    sums = [first[id(n)][0] for n in norms.values() if id(n) in first] + [block_output]
+    sources = [((), call[0])]
+    sources += [(t.path[1:], first[id(t.original)][0]) for t in targets if id(t.original) in first]
+    sources += [(path, first[id(n)][0]) for path, n in norms.items() if id(n) in first]
+    links = {}
+    for t in targets:
+        if id(t.original) not in first:
+            continue
+        y = first[id(t.original)][3]
+        for z in sums:
+            if np.shape(z) != np.shape(y):
+                continue
+            scale = float(np.max(np.abs(z))) or 1.0
+            found = [
+                path
+                for path, r in sources
+                if np.shape(r) == np.shape(y) and np.allclose(z - y, r, rtol=0, atol=1e-4 * scale)
+            ]
+            if found:
+                links[id(t)] = found[0]
+                break
+    return links
+
+
+def _source_inputs(block, sources, calls):
+    """Per source path, the recorded input of each call (`()`: the block's)."""
+    layers = {p: walk.navigate(block, p) for p in sources if p}
+    result = {p: [] for p in sources}
+    for call in calls:
+        with blocks_lib.capture_calls(list(layers.values())) as records:
+            blocks_lib.run_block(block, call)
+        for p in sources:
+            result[p].append(call[0] if not p else records[id(layers[p])][0][0])
+    return result
+
+
 def _update_block(
     teacher_block,
     teacher_calls,
@@ -89,12 +152,17 @@ def _update_block(
     damping,
     split,
     progbar,
+    residual=True,
 ):
     teacher_x = _layer_inputs(teacher_block, [t.original for t in targets], teacher_calls)
+    links = residual_links(teacher_block, targets, teacher_calls[0]) if residual else {}
+    sources = sorted(set(links.values()))
+    teacher_r = _source_inputs(teacher_block, sources, teacher_calls)
     pending = list(targets)
     while pending:
         layers = [walk.navigate(new_model, t.path) for t in pending]
         student_x = _layer_inputs(student_block, layers, student_calls)
+        student_r = _source_inputs(student_block, sources, student_calls)
         first = student_x[id(layers[0])]
         group = [
             (t, layer)
@@ -102,21 +170,55 @@ def _update_block(
             if t is pending[0] or _same_inputs(first, student_x[id(layer)])
         ]
         for t, layer in group:
-            gram = np.zeros((t.shape[0], t.shape[0]))
-            cross = np.zeros_like(gram)
-            for xs, x in zip(student_x[id(layer)], teacher_x[id(t.original)]):
-                rows_s = t.input_rows(xs).astype(np.float32)
-                rows_t = t.input_rows(x).astype(np.float32)
-                gram += rows_s.T @ rows_s
-                cross += rows_s.T @ rows_t
-            a, b = data_aware.fitted_factors(
-                t.matrix, gram, cross, t.rank, damping=damping, split=split
-            )
-            layer.set_factors(a, b)
+            link = links.get(id(t))
+            shifts = None
+            if link is not None:
+                shifts = [r - r_s for r, r_s in zip(teacher_r[link], student_r[link])]
+            _refit(t, layer, student_x[id(layer)], teacher_x[id(t.original)], shifts, damping, split)
             if progbar is not None:
                 progbar.add(1)
         done = {id(t) for t, _ in group}
         pending = [t for t in pending if id(t) not in done]
+
+
+def _refit(t, layer, student_inputs, teacher_inputs, shifts, damping, split):
+    """Refits one layer's factors; keeps its current ones when they fit better.
+
+    The fit is to the original outputs `X W + b - b'` (`b'` the layer's
+    bias now, plus the residual shift `R - R'` when `shifts` is given:
+    `residual_links`); the closed form minimises it with the
+    damping term, so the undamped objective is checked before the new
+    factors are set: the refit never increases the layer's calibration error.
+    """
+    m, n = t.shape
+    gram = np.zeros((m, m))
+    cross = np.zeros_like(gram)
+    residual_cross = np.zeros((m, n))
+    total = np.zeros(m)
+    for i, (xs, x) in enumerate(zip(student_inputs, teacher_inputs)):
+        rows_s = t.input_rows(xs).astype(np.float32)
+        rows_t = t.input_rows(x).astype(np.float32)
+        gram += rows_s.T @ rows_s
+        cross += rows_s.T @ rows_t
+        total += rows_s.sum(axis=0, dtype=np.float64)
+        if shifts is not None:
+            residual_cross += rows_s.T @ shifts[i].reshape(-1, n).astype(np.float32)
+    # A bias moved by `bias_correction` (b' != b) is part of the fit too.
+    bias = getattr(layer, "bias", None)
+    if t.bias is not None and bias is not None and t.bias.size == n:
+        shift = t.bias.reshape(-1).astype(np.float64) - to_numpy(bias).reshape(-1)
+        residual_cross += np.outer(total, shift)
+    a, b = data_aware.fitted_factors(
+        t.matrix, gram, cross, t.rank, damping=damping, split=split, residual_cross=residual_cross
+    )
+    target_cross = cross @ t.matrix.astype(np.float64) + residual_cross
+    old_a, old_b = layer.factors()
+    old = np.asarray(old_a, np.float64) @ np.asarray(old_b, np.float64)
+    new = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    if data_aware.fit_objective(new, gram, target_cross) <= data_aware.fit_objective(
+        old, gram, target_cross
+    ):
+        layer.set_factors(a, b)
 
 
 def _same_inputs(a, b) -> bool:

@@ -598,6 +598,7 @@ def test_compress_learned_options_seed_and_reports(capsys, workdir, tmp_path):
         (["--distillation-epochs", "-1"], "--distillation-epochs"),
         (["--distillation-trainable", "some"], "--distillation-trainable"),
         (["--seed", "x"], "--seed"),
+        (["--seed", "-1"], "--seed"),
         (["--distillation-outputs", ","], "--distillation-outputs"),
     ],
 )

@@ -166,7 +166,7 @@ def test_seed_orders_the_distillation_batches(models):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("seed", [1.5, "0", True])
+@pytest.mark.parametrize("seed", [1.5, "0", True, -1])
 def test_bad_seed(models, seed):
     model = models["functional"][0]
     with pytest.raises(ValueError, match=r"Received an invalid value for `seed`.*Received: seed="):

@@ -155,7 +155,7 @@ def _add_method_flags(p) -> None:
         help="batch size to run the calibration and distillation data",
     )
     p.add_argument(
-        "--seed", type=int, metavar="N", default=surgery.DistillationConfig().seed,
+        "--seed", type=_common.non_negative_int, metavar="N", default=surgery.DistillationConfig().seed,
         help="seeds every random step (the order of the distillation batches): the same "
         "command on the same model and data writes the same model (unless a "
         "--time-budget cuts the training short)",

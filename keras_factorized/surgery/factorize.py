@@ -159,8 +159,8 @@ def factorize(
         whitening, distillation, batch_size, legacy_kwargs
     )
     if seed is not None:
-        if not is_integer(seed):
-            raise invalid_value("seed", "an integer or None", seed)
+        if not is_integer(seed) or seed < 0:
+            raise invalid_value("seed", "an integer >= 0 or None", seed)
         distillation = dataclasses.replace(distillation, seed=int(seed))
     _check_arguments(
         model, rank, energy, param_ratio, method, allocation, calibration_data, distillation

@@ -21,6 +21,9 @@ ranks, then more seeds); results are saved after every model and the
 until everything asked for is done. `--resume` skips what a previous run saved in OUTPUT_DIR/pretrained_runs.json.
 
     python -m benchmarks.pretrained_benchmark --data ../shared/data/aclImdb_v1.tar.gz --resume
+
+`--seeds 1,2 --only "full trainable,scratch 32"` trains just those models;
+`--render-only --add-runs DIR/pretrained_runs.json` merges a parallel run.
 """
 
 from __future__ import annotations
@@ -349,7 +352,13 @@ def _intro(rows, args, commands, total, elapsed):
     commands = [commands] if isinstance(commands, str) else commands
     lines += [
         "Commands (each also with `--resume`, adding to the saved runs): "
-        + "; ".join(f"`{c}`" for c in commands),
+        + "; ".join(f"`{c}`" for c in commands)
+        + (
+            "; a command with its own `--output-dir` ran in parallel and its runs were merged "
+            "by `--render-only --add-runs OUTPUT_DIR/pretrained_runs.json`."
+            if any("--output-dir" in c for c in commands)
+            else "."
+        ),
         "",
         f"Machine: {machine_description()}. Seeds run: {', '.join(map(str, seeds))}.",
         "",
@@ -497,12 +506,42 @@ def build_parser():
         help="train nothing: rewrite the section from the saved runs",
     )
     add("--no-write", action="store_true")
+    add(
+        "--add-runs",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="also take the trainings saved in this pretrained_runs.json (a run with its own "
+        "--output-dir, e.g. in parallel); repeatable",
+    )
     add("--section", default="pretrained")
     add(
         "--title",
         default="Pretrained embeddings: SVD of the MiniLM token table in the IMDB classifier (issue 15)",
     )
     return parser
+
+
+def load_runs(path, args, command):
+    """`(rows, glove_info, commands)` saved at `path` (with `--resume` or
+    `--render-only`), plus the runs of each `--add-runs` file that `path` lacks
+    (saved back to `path`), plus `command` when it trains."""
+    rows, glove_info, commands = [], None, []
+    if (args.resume or args.render_only) and os.path.exists(path):
+        saved = json.load(open(path))
+        rows, glove_info = saved["runs"], saved.get("glove")
+        commands = saved.get("commands") or [saved["command"]]
+    for other in args.add_runs:
+        saved = json.load(open(other))
+        done = {(r["seed"], r["model"]) for r in rows}
+        rows += [r for r in saved["runs"] if (r["seed"], r["model"]) not in done]
+        glove_info = glove_info or saved.get("glove")
+        commands += [c for c in saved.get("commands", []) if c not in commands]
+    if not args.render_only and command not in commands:
+        commands.append(command)
+    if args.add_runs:
+        write_json(path, {"runs": rows, "glove": glove_info, "commands": commands})
+    return rows, glove_info, commands
 
 
 def main(argv=None) -> int:
@@ -517,13 +556,7 @@ def main(argv=None) -> int:
     order = select(plan(ranks, seeds, with_glove=not args.no_glove), only)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "pretrained_runs.json")
-    rows, glove_info, commands = [], None, []
-    if (args.resume or args.render_only) and os.path.exists(path):
-        saved = json.load(open(path))
-        rows, glove_info = saved["runs"], saved.get("glove")
-        commands = saved.get("commands") or [saved["command"]]
-    if not args.render_only and command not in commands:
-        commands.append(command)
+    rows, glove_info, commands = load_runs(path, args, command)
     planned_seeds = sorted(set(PLANNED_SEEDS) | set(seeds) | {r["seed"] for r in rows})
     total = len(plan(ranks, planned_seeds, with_glove=not args.no_glove))
     done = {(r["seed"], r["model"]) for r in rows}

@@ -171,3 +171,17 @@ def test_token_coverage_counts_words_like_text_vectorization():
     layer.adapt(texts)
     ids = keras.ops.convert_to_numpy(layer([t.replace("<br />", " ") for t in texts]))
     assert [word_count(t) for t in texts] == [int((row != 0).sum()) for row in ids]
+
+
+def test_add_runs_merges_a_parallel_output_folder(tmp_path):
+    import json
+
+    main = tmp_path / "main.json"
+    other = tmp_path / "other.json"
+    main.write_text(json.dumps({"runs": ROWS[:2], "glove": None, "commands": ["cmd a"]}))
+    other.write_text(json.dumps({"runs": ROWS[1:4], "glove": {"x": 1}, "commands": ["cmd b"]}))
+    args = bench.build_parser().parse_args(["--render-only", "--add-runs", str(other)])
+    rows, glove, commands = bench.load_runs(str(main), args, "cmd render")
+    assert [r["model"] for r in rows] == [r["model"] for r in ROWS[:4]]  # no duplicate
+    assert glove == {"x": 1} and commands == ["cmd a", "cmd b"]
+    assert len(json.loads(main.read_text())["runs"]) == 4  # saved back

@@ -46,13 +46,14 @@ def test_benchmark_runs_resumes_and_writes_its_section(tiny_preset, tmp_path, mo
     results = bert_task_benchmark.main(argv)
     assert len(results) == 1
     seed = json.loads((out / "seed_0.json").read_text())
-    assert seed["done"] and not (out / "seed_0_task.keras").exists()
+    assert seed["done"] and 0.0 <= seed["control_accuracy"] <= 1.0
     (row,) = seed["compressed"]
     assert row["param_ratio"] <= 0.5 + 1e-3
     assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["recovered_accuracy"] <= 1.0
     assert set(seed["tokens_per_second"]) == {"original", "0.5"}
     text = benchmarks_md.read_text()
     assert "<!-- BEGIN bert-task -->" in text and "whitened 0.5, + one short epoch" in text
+    assert "fine-tuned original + the same short epoch" in text
     # A resumed run keeps a finished seed as it is.
     again = bert_task_benchmark.main(argv + ["--resume"])
     assert again[0]["accuracy"] == seed["accuracy"]

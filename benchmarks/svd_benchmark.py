@@ -29,13 +29,11 @@ import time
 import numpy as np
 
 from benchmarks import _common
-from benchmarks.report import (
-    blas_description,
-    machine_description,
-    markdown_table,
-    update_section,
-    write_json,
-)
+from benchmarks.report import blas_description
+from benchmarks.report import machine_description
+from benchmarks.report import markdown_table
+from benchmarks.report import update_section
+from benchmarks.report import write_json
 
 SOLVERS = {
     "ours": "`truncated_svd(method=\"auto\")`",
@@ -309,7 +307,7 @@ def scaling(rows_list, cols, rank, repeats=3) -> list[dict]:
     for rows in rows_list:
         matrix = decaying_matrix(rows, cols, seed=1)
         times = _common.time_interleaved(
-            {"ours": lambda: truncated_svd(matrix, rank, method="auto")},
+            {"ours": lambda m=matrix: truncated_svd(m, rank, method="auto")},
             repeats=repeats, min_seconds=0.0,
         )
         out.append({"rows": rows, "cols": cols, "rank": rank, "seconds": times["ours"]})
@@ -490,9 +488,11 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f)
         return
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     run(quick=args.quick, rows=args.rows, cols=args.cols, rank=args.rank,
         minilm=not args.no_minilm, solvers=args.solvers.split(","),
-        scale=not args.no_scaling, write=not args.no_write, json_path=args.json)
+        scale=not args.no_scaling, write=not args.no_write, json_path=args.json,
+        command=f"python -m benchmarks.svd_benchmark {argv_text}".strip())
 
 
 if __name__ == "__main__":

@@ -594,6 +594,8 @@ def main(argv=None):
                         help="comma-separated subset of " + ",".join(BACKENDS))
     parser.add_argument("--merge", action="store_true",
                         help="replace only these runs in the existing JSON and section")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="with --scaling: only the runs with this optimizer")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the section from the existing JSON, running nothing")
     parser.add_argument("--no-write", action="store_true")
@@ -614,7 +616,8 @@ def main(argv=None):
     if args.report_only:
         grid = []  # the section quotes the commands that ran, from the JSON
     elif args.scaling:
-        grid = [cfg for cfg in scaling_grid() if cfg["backend"] in backends]
+        grid = [cfg for cfg in scaling_grid() if cfg["backend"] in backends
+                and args.optimizer in (None, cfg["optimizer"])]
     run(quick=args.quick, tiny=args.tiny, isolate=not args.tiny, grid=grid,
         write=not args.no_write, json_path=args.json, backends=backends,
         merge=args.merge or args.report_only,

@@ -157,3 +157,30 @@ def test_factorized_embedding_model_trains_and_saves(tmp_path):
     np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
     restored.fit(x, y, epochs=1, batch_size=16, verbose=0)  # optimizer state restored
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_take_rows_matches_take_with_negative_ids(dtype):
+    from keras_factorized.row_lookup import take_rows
+
+    values = np.arange(40).reshape(10, 4).astype(dtype)
+    table = keras.Variable(values, dtype=dtype, trainable=False)
+    ids = np.array([[0, 9, -1], [3, -10, 5]], dtype="int32")
+    got = keras.ops.convert_to_numpy(take_rows(table, ids))
+    np.testing.assert_array_equal(got, np.take(values, ids, axis=0))
+    assert got.dtype == values.dtype
+
+
+@tf_only
+def test_take_rows_gradient_stays_sparse():
+    """The lookup reads only its rows: the gradient is `IndexedSlices`."""
+    import tensorflow as tf
+
+    from keras_factorized.row_lookup import take_rows
+
+    table = keras.Variable(np.ones((1000, 3), dtype="float32"))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(take_rows(table, tf.constant([1, 5, 5])))
+    (grad,) = tape.gradient(loss, [table.value])
+    assert isinstance(grad, tf.IndexedSlices)
+    np.testing.assert_array_equal(tf.convert_to_tensor(grad).numpy()[[1, 5]], [[1] * 3, [2] * 3])

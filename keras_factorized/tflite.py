@@ -91,6 +91,15 @@ def _copy_variables(source, target) -> None:
             variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
 
 
+def _keras_int8_dense_layers(model) -> list[str]:
+    """Names of Keras's own `Dense`/`EinsumDense` layers that are quantized."""
+    return [
+        layer.name for layer in _keras_compat.flatten_layers(model)
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+        and getattr(layer, "quantization_mode", None) is not None
+    ]  # fmt: skip
+
+
 def export_tflite(
     model: keras.Model,
     path: str | os.PathLike,
@@ -224,6 +233,16 @@ def export_tflite(
         try:
             flatbuffer = converter.convert()
         except Exception as e:
+            int8_dense = _keras_int8_dense_layers(model)
+            if int8_dense:
+                raise ValueError(
+                    "TFLite builtin ops cannot run Keras's own quantized `Dense`/"
+                    "`EinsumDense` layers (their int8 matrix product takes int8 "
+                    "inputs). Quantize only the factorized layers "
+                    "(`layer.quantize(\"int8\")`, or `model.quantize(\"int8\", "
+                    "filters=...)`), and pass `optimize=True` for TFLite's own int8 "
+                    f"weights. Received: quantized Keras layers {int8_dense}"
+                ) from e
             raise ValueError(
                 "The model does not convert to TFLite builtin ops. For LSTMs, "
                 "keep a fixed batch size (`batch_size=1`) and sequence length, "

@@ -314,6 +314,18 @@ def test_quantized_factors_export_to_tflite(tmp_path):
     assert os.path.getsize(path) <= os.path.getsize(float_path) - 3000
 
 
+@requires_tensorflow
+def test_tflite_of_keras_int8_dense_names_the_layers(tmp_path):
+    from keras_factorized import export
+
+    model = keras.Sequential([keras.Input((8,)), LowRankDense(16, rank=2, name="low"),
+                              keras.layers.Dense(4, name="head")])
+    model.quantize("int8")
+    with pytest.raises(ValueError, match=r"quantized Keras layers \['head'\]"):
+        export.export_tflite(model, os.path.join(tmp_path, "m.tflite"))
+    assert os.listdir(tmp_path) == []
+
+
 def _tflite_runner(path):
     import tensorflow as tf
 

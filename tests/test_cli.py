@@ -388,7 +388,7 @@ def test_compress_writes_smaller_model(capsys, workdir, tmp_path):
     )
     assert code == 0, err
     assert f"Wrote {out}" in stdout and "Model parameters:" in stdout
-    assert "Factorization (svd)" in stdout  # factorize's report
+    assert "Factorization (svd, rank 4):" in stdout  # factorize's report
     original = keras.saving.load_model(workdir / "tiny.keras")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. optimizer slots that do not fit
@@ -543,7 +543,7 @@ def test_compress_learned_with_calibration(capsys, workdir, tmp_path):
          "--include", "hidden", "-q"],
     )
     assert code == 0, err
-    assert "Factorization (learned)" in stdout
+    assert "Factorization (learned, rank 2" in stdout
     small = keras.saving.load_model(out)
     assert type(small.get_layer("hidden")).__name__ == "LowRankDense"
     assert small.get_layer("hidden").rank == 2

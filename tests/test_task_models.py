@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from keras_factorized import LowRankEinsumDense
+from keras_factorized import WhitenedConfig
 from keras_factorized import factorize
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -19,6 +20,7 @@ WORDS = "the a movie film was is good bad great awful plot acting".split()
 TEXTS = np.array(["the movie was good", "awful film", "great acting", "the plot is bad"],
                  dtype=object)
 LABELS = np.array([1, 0, 1, 0])
+ALL_SIX = r"(self_attention_layer/(query|key|value|attention_output)|feedforward_(intermediate|output)_dense)$"
 
 
 def tiny_task(seed=0):
@@ -59,7 +61,7 @@ def test_used_task_factorized_whitened_fits_saves_and_loads(tmp_path):
     task.predict(TEXTS, verbose=0)
     calibration = _tokens(task.preprocessor, TEXTS)
     small = factorize(task, param_ratio=0.5, method="whitened", calibration_data=calibration,
-                      include=r"(self_attention_layer/|feedforward_)")
+                      include=ALL_SIX, whitening=WhitenedConfig(sequential=False))
     assert isinstance(small, keras_hub.models.BertTextClassifier)
     small.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -72,6 +74,16 @@ def test_used_task_factorized_whitened_fits_saves_and_loads(tmp_path):
     assert loaded.preprocessor.tokenizer.get_vocabulary() == task.preprocessor.tokenizer.get_vocabulary()
     assert any(isinstance(x, LowRankEinsumDense) for x in loaded.backbone._flatten_layers())
     np.testing.assert_allclose(loaded.predict(TEXTS, verbose=0), expected, atol=1e-5)
+
+
+def test_used_task_factorizes_with_the_default_whitened_options():
+    """Every default step (allocation, refits) reaches blocks inside the task's backbone."""
+    task = tiny_task()
+    task.predict(TEXTS, verbose=0)
+    small = factorize(task, param_ratio=0.5, method="whitened",
+                      calibration_data=_tokens(task.preprocessor, TEXTS), include=ALL_SIX)
+    assert len(small.factorization_report.layers) == 12
+    assert np.all(np.isfinite(small.predict(TEXTS, verbose=0)))
 
 
 def test_used_text_vectorization_model_keeps_its_vocabulary():

@@ -148,13 +148,22 @@ def test_sensitivity_allocation_meets_the_budget_and_beats_uniform_on_a_chain():
     model.get_layer("d3").kernel.assign(_np(model.get_layer("d3").kernel) * 10.0)
     x = _inputs(256, 24)
     expected = _np(model(x))
-    kwargs = dict(param_ratio=0.4, method="whitened", calibration_data=x)
+    # (the allocation alone: without the sequential refit, which on this
+    # chain repairs most of what the uniform ratio gets wrong)
+    kwargs = dict(
+        param_ratio=0.4,
+        method="whitened",
+        calibration_data=x,
+        whitening=WhitenedConfig(sequential=False),
+    )
     errors, ratios = {}, {}
     for allocation in ("uniform", "greedy", "sensitivity"):
         small = factorize(model, allocation=allocation, **kwargs)
         errors[allocation] = np.linalg.norm(_np(small(x)) - expected)
         ratios[allocation] = small.factorization_report.param_ratio
-    assert ratios["sensitivity"] <= 0.4
+    # The budget is met: not exceeded, and less than one rank step (48 of
+    # the 1,728 weights) left unspent.
+    assert 0.4 - 48 / 1728 < ratios["sensitivity"] <= 0.4
     assert errors["sensitivity"] < errors["uniform"]
 
 

@@ -292,3 +292,54 @@ def load_or_measure(path, inputs, ranks, sequence_length, key_rank=32, sample=20
     }
     write_text(path, json.dumps(analysis, indent=2))
     return analysis
+
+
+def shortfall_note(best, scratch_best, glove_info, coverage, sequence_length) -> str:
+    """Why the best pretrained row (`best`, a summary row) trails the best
+    from-scratch model (`scratch_best`, an `imdb_scratch_points` entry), from
+    the measured numbers; `""` when it does not trail.
+
+    >>> best = {"model": "g", "kind": "glove_svd_trainable", "seeds": 2,
+    ...         "test_accuracy_mean": 0.8556, "test_accuracy_std": 0.0036}
+    >>> shortfall_note(best, {"model": "baseline", "mean": 85.58, "std": 0.64},
+    ...                {"rows_found": 13051, "vocabulary": 20000}, None, 200)[:60]
+    'Shortfall: g trails baseline by 0.02 points, less than the s'
+    """
+    gap = 100 * best["test_accuracy_mean"] - scratch_best["mean"]
+    if gap > 0:
+        return ""
+    text = f"Shortfall: {best['model']} trails {scratch_best['model']} by {-gap:.2f} points"
+    spread = max(100 * best["test_accuracy_std"], scratch_best["std"])
+    if best["seeds"] > 1 and -gap < spread:
+        text += (
+            f", less than the spread over seeds (std {100 * best['test_accuracy_std']:.2f} and "
+            f"{scratch_best['std']:.2f}): these seeds do not tell the two apart"
+        )
+    if best["kind"].startswith("glove") and glove_info:
+        text += (
+            f". Its table has vectors for {glove_info['rows_found']:,} of the "
+            f"{glove_info['vocabulary']:,} words (the whole-word tokens of MiniLM's WordPiece "
+            "table); the other rows start at zero"
+        )
+    elif coverage:
+        text += (
+            f". It reads {sequence_length} WordPiece tokens, a whole review for "
+            f"{100 * coverage['wordpiece_fit']:.0f}% of reviews against "
+            f"{100 * coverage['words_fit']:.0f}% for {sequence_length} words"
+        )
+    return text + (
+        ". MiniLM's token table is the input of a Transformer, trained to be mixed by "
+        "attention, not a word-vector model such as GloVe."
+    )
+
+
+def glove_paragraph(g) -> str:
+    """What the GloVe-file path read (`g`: the benchmark's `glove` record)."""
+    return (
+        f"GloVe path: the MiniLM table written as a GloVe text file ({g['words_in_file']:,} lines, "
+        f"{g['file_bytes'] / 1e6:.0f} MB) and read by `load_word_vectors` for the example's "
+        f"word-level vocabulary of {g['vocabulary']:,} entries: {g['rows_found']:,} rows found "
+        f"(whole-word WordPiece tokens; the rest are zeros), {g['load_s']:.1f} s including "
+        "adapting the TextVectorization (under the load of the run). The `glove` rows above "
+        "train on those word-level tokens."
+    )

@@ -411,8 +411,8 @@ def _results_table(summary, energy):
     lines = [markdown_table(headers, table), ""]
     if few:
         lines += [
-            f"Fewer than {len(PLANNED_SEEDS)} seeds (their mean is a single run or two, with no or "
-            f"little spread; compare them with care): {', '.join(few)}.",
+            f"Fewer than {len(PLANNED_SEEDS)} seeds (one or two runs: their mean and spread "
+            f"are less reliable than those of {len(PLANNED_SEEDS)} seeds): {', '.join(few)}.",
             "",
         ]
     return lines
@@ -426,15 +426,7 @@ def build_markdown(rows, args, commands, glove_info, total, elapsed, analysis=No
     lines = _intro(rows, args, commands, total, elapsed)
     lines += _results_table(summary, analysis.get("energy", {}))
     if glove_info:
-        g = glove_info
-        lines += [
-            f"GloVe path: the MiniLM table written as a GloVe text file ({g['words_in_file']:,} lines, "
-            f"{g['file_bytes'] / 1e6:.0f} MB) and read by `load_word_vectors` for the example's word-level "
-            f"vocabulary of {g['vocabulary']:,} entries: {g['rows_found']:,} rows found (whole-word WordPiece "
-            f"tokens; the rest are zeros), {g['load_s']:.1f} s including adapting the TextVectorization. "
-            "The `glove` rows above train on those word-level tokens.",
-            "",
-        ]
+        lines += [pa.glove_paragraph(glove_info), ""]
     lines += ["### Findings", ""] + pa.findings(by, choices, args, analysis)
     lines += ["### Goals of issue 15", ""]
     lines += [
@@ -442,6 +434,8 @@ def build_markdown(rows, args, commands, glove_info, total, elapsed, analysis=No
             ["goal", "measured (test %, mean over the seeds run)", "status"],
             goals(by, choices, args.rank_tolerance, imdb_section_best()),
         ),
+        "",
+        shortfall(by, glove_info, analysis, args.sequence_length),
         "",
         f"Plot: `{os.path.join('benchmarks', 'out', 'pretrained', COMBINED_PLOT)}` (written by the "
         "command, not kept in the repository): test accuracy against embedding parameters, these "
@@ -458,6 +452,18 @@ def build_markdown(rows, args, commands, glove_info, total, elapsed, analysis=No
         "",
     ]
     return "\n".join(lines)
+
+
+def shortfall(by, glove_info, analysis, sequence_length):
+    """`pretrained_analysis.shortfall_note` for the best pretrained row of `by`."""
+    text = open(BENCHMARKS_MD, encoding="utf-8").read() if os.path.exists(BENCHMARKS_MD) else ""
+    points = pa.imdb_scratch_points(text)
+    pretrained = [r for r in by.values() if r["kind"] != "scratch"]
+    if not points or not pretrained:
+        return ""
+    best = max(pretrained, key=lambda r: r["test_accuracy_mean"])
+    scratch = max(points, key=lambda p: p["mean"])
+    return pa.shortfall_note(best, scratch, glove_info, analysis.get("coverage"), sequence_length)
 
 
 def render(rows, args, commands, glove_info, total, elapsed, analysis):

@@ -127,7 +127,7 @@ def training_bytes(rows, dim, rank, optimizer) -> int:
     return rows * (state_bytes_per_row(dim, rank, optimizer) + 4 * width) + shared
 
 
-def memory_rows(dims=(128, 300), ranks=(16, 32), optimizers=OPTIMIZERS) -> list[dict]:
+def memory_rows(dims=(128, 300), ranks=(16, 32), optimizers=("adam", "sgd")) -> list[dict]:
     """The memory table: bytes per row and the largest table in 24 GiB."""
     out = []
     for dim in dims:

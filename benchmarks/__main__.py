@@ -173,9 +173,13 @@ def run(argv=None) -> dict:
 def summary_markdown(results: dict, command: str) -> str:
     """The closing note: each goal of issue 6, met or missed, with the gap."""
     from benchmarks import _common
-    from benchmarks.dense_benchmark import GOAL_BATCH, SPEEDUP_GOAL
-    from benchmarks.embedding_benchmark import MERGED_GOAL, TRAIN_GOAL
-    from benchmarks.svd_benchmark import ERROR_GOAL, MEMORY_GOAL, SPEED_GOAL
+    from benchmarks.dense_benchmark import GOAL_BATCH
+    from benchmarks.dense_benchmark import SPEEDUP_GOAL
+    from benchmarks.embedding_benchmark import MERGED_GOAL
+    from benchmarks.embedding_benchmark import TRAIN_GOAL
+    from benchmarks.svd_benchmark import ERROR_GOAL
+    from benchmarks.svd_benchmark import MEMORY_GOAL
+    from benchmarks.svd_benchmark import SPEED_GOAL
 
     rows = []
     for run_ in results["svd"]["runs"]:

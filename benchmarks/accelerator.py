@@ -33,7 +33,9 @@ import time
 
 import numpy as np
 
-from benchmarks.report import markdown_table, update_section, write_json
+from benchmarks.report import markdown_table
+from benchmarks.report import update_section
+from benchmarks.report import write_json
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 POLICIES = ("float32", "mixed_float16")
@@ -220,8 +222,9 @@ def measure(size, data_path=None, policies=POLICIES, verbose=True) -> list[dict]
     try:
         for policy in policies:
             keras.config.set_dtype_policy(policy)
-            for part in (lambda: imdb_rows(data, policy, size), lambda: dense_rows(policy, size),
-                         lambda: vocab_rows(policy, size)):
+            for part in (lambda p=policy: imdb_rows(data, p, size),
+                         lambda p=policy: dense_rows(p, size),
+                         lambda p=policy: vocab_rows(p, size)):
                 new = part()
                 for row in new:
                     row["data"] = data["source"] if row["what"] == "IMDB LSTM" else None

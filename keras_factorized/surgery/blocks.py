@@ -7,8 +7,9 @@ one, and to run the block again on them. `capture_calls` records the inputs
 (and outputs) of chosen layers while a model runs, always restoring their
 `call`; `run_block` replays a block on recorded inputs.
 
-A block is the top-level layer (a direct child of the model) that holds a
-target; `block_path` gives its path.
+A block is the innermost layer of a model's graph that holds a target (a
+top-level layer of the model, or of a model nested in it); `block_path`
+gives its path.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from keras_factorized.surgery.calibration import to_numpy
 
 
 def block_path(target_path) -> tuple:
-    """The path of the block holding the layer at `target_path` (its first step)."""
-    return tuple(target_path[:1])
+    """The path of the block holding the layer at `target_path`: up to its
+    last graph step (`("layer", name)`), so that a block inside a nested
+    model (a Transformer block of the backbone of a KerasHub task) is that
+    block, not the whole nested model."""
+    steps = tuple(target_path)
+    last = max((i for i, step in enumerate(steps) if step[0] == "layer"), default=0)
+    return steps[: last + 1]
 
 
 def _to_numpy_tree(value):

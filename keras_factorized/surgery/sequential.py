@@ -108,7 +108,11 @@ def residual_links(block, targets, call):
     first = {id(layer): records[id(layer)][0] for layer in layers if records[id(layer)]}
     sums = [first[id(n)][0] for n in norms.values() if id(n) in first] + [block_output]
     sources = [((), call[0])]
-    sources += [(t.path[1:], first[id(t.original)][0]) for t in targets if id(t.original) in first]
+    sources += [
+        (t.path[len(blocks_lib.block_path(t.path)) :], first[id(t.original)][0])
+        for t in targets
+        if id(t.original) in first
+    ]
     sources += [(path, first[id(n)][0]) for path, n in norms.items() if id(n) in first]
     links = {}
     for t in targets:

@@ -182,8 +182,9 @@ def render(rows) -> str:
             "and nothing else. Time: the `factorize` call, on a shared 2-core machine "
             "(load average beside it when recorded: compare within a table only). The "
             "sequential refit's residual correction (a layer added to the residual stream "
-            "also absorbs the compressed residual's error) is newer than rows measured "
-            "without it.",
+            "also absorbs the compressed residual's error) and the sensitivity allocation's "
+            "option to keep a layer whole are newer than the rows measured without them "
+            "(\"without residual correction\").",
             "",
             markdown_table(
                 [

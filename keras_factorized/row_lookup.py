@@ -20,8 +20,9 @@ def take_rows(table, ids):
 
     Negative ids count from the end, as with `keras.ops.take`; ids at or
     beyond the number of rows raise on TensorFlow (CPU) as they do there. On
-    TensorFlow, a Keras variable is gathered from directly, without reading
-    the whole table; anything else goes through `keras.ops.take`.
+    TensorFlow, a Keras variable is gathered from directly by dense ids,
+    without reading the whole table; anything else (sparse or ragged ids,
+    other backends) goes through `keras.ops.take`.
 
     Args:
         table: a `(rows, width)` Keras variable or tensor.
@@ -42,6 +43,8 @@ def take_rows(table, ids):
         return ops.take(table, ids, axis=0)
     import tensorflow as tf
 
+    if isinstance(ids, (tf.SparseTensor, tf.RaggedTensor)):
+        return ops.take(table, ids, axis=0)  # Keras's sparse and ragged lookups
     variable = table.value  # the tf.Variable (or its autocast, a tensor)
     ids = tf.convert_to_tensor(ids)
     rows = tf.cast(tf.shape(variable, out_type=ids.dtype)[0], ids.dtype)

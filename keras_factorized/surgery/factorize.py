@@ -127,15 +127,18 @@ def factorize(
         method: one of `METHODS`.
         calibration_data: model inputs (arrays, a dict of arrays or a
             `tf.data.Dataset`); needed by `"whitened"`; gives output errors.
-        filters, include, exclude: layer selection, each a regular expression
-            on `layer.path`, a layer class, a callable `layer -> bool` or a
-            list of them: a layer must match `filters` and `include`, and not
+        filters: which layers to factorize: a regular expression on
+            `layer.path`, a layer class, a callable `layer -> bool` or a list
+            of them. A layer must match `filters` and `include`, and not
             `exclude`. Default: all.
+        include: like `filters` (both must match).
+        exclude: layers to leave out, in the same forms.
         allocation: one of `ALLOCATIONS`: `"auto"` is `"sensitivity"` (ranks
             priced by the error each layer causes at the outputs) with
             calibration data, else `"greedy"` (see `ranks`).
         split: how singular values are shared between `A` and `B`.
-        whitening: a `WhitenedConfig`; distillation: a `DistillationConfig`.
+        whitening: a `WhitenedConfig` (options of `"whitened"`/`"learned"`).
+        distillation: a `DistillationConfig` (options of `"learned"`).
         batch_size: batch size to run array calibration data.
         seed: seeds every random step (the order of the distillation
             batches); overrides `distillation.seed`. Default: that seed (0).

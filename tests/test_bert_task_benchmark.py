@@ -10,6 +10,7 @@ short epoch, speed, checkpoints, `--resume` and the BENCHMARKS.md section.
 import json
 import os
 
+import keras
 import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -35,6 +36,11 @@ def tiny_preset(tmp_path):
     return folder
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the benchmark runs on the TensorFlow backend (one smoke run is enough: "
+    "its task-model code paths are tested on both backends in test_task_models)",
+)
 def test_benchmark_runs_resumes_and_writes_its_section(tiny_preset, tmp_path, monkeypatch):
     benchmarks_md = tmp_path / "BENCHMARKS.md"
     monkeypatch.setenv("KERAS_FACTORIZED_BENCHMARKS_MD", str(benchmarks_md))

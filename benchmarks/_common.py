@@ -7,8 +7,12 @@ shared machine hits all of them alike, and reports medians.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -77,3 +81,27 @@ def fmt_bytes(size: float) -> str:
         if size >= scale:
             return f"{size / scale:.2f} {unit}"
     return f"{int(size)} B"
+
+
+def run_worker(module: str, cfg: dict, timeout: float) -> dict:
+    """`python -m <module> --worker <cfg> --json <file>` in a fresh process on
+    `cfg["backend"]`; its JSON result, or `cfg` with an `error` entry."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    env = {**os.environ, "KERAS_BACKEND": cfg["backend"], "TF_CPP_MIN_LOG_LEVEL": "2"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--worker", json.dumps(cfg), "--json", out],
+            env=env, cwd=root, capture_output=True, text=True, timeout=timeout,
+        )
+        if proc.returncode != 0:
+            return {**cfg, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+        with open(out) as f:
+            return json.load(f)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": [f"timed out after {timeout} s"]}
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)

@@ -30,9 +30,7 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -295,26 +293,7 @@ def _warm_baseline(cfg, rows=1000, steps=3):
 
 def run_isolated(cfg, timeout=1800) -> dict:
     """`measure(cfg)` in a fresh Python process on `cfg["backend"]`."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    env = {**os.environ, "KERAS_BACKEND": cfg["backend"], "TF_CPP_MIN_LOG_LEVEL": "2"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.vocab_benchmark", "--worker",
-             json.dumps(cfg), "--json", out],
-            env=env, cwd=root, capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode != 0:
-            return {**cfg, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
-        with open(out) as f:
-            return json.load(f)
-    except subprocess.TimeoutExpired:
-        return {**cfg, "error": [f"timed out after {timeout} s"]}
-    finally:
-        if os.path.exists(out):
-            os.unlink(out)
+    return _common.run_worker("benchmarks.vocab_benchmark", cfg, timeout)
 
 
 # ----------------------------------------------------------------------------

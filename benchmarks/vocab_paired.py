@@ -26,9 +26,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 from benchmarks import _common
@@ -123,25 +121,7 @@ def measure_group(group) -> dict:
 
 def run_isolated(group, timeout=3600) -> dict:
     """`measure_group(group)` in a fresh process on the group's backend."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    env = {**os.environ, "KERAS_BACKEND": group["backend"], "TF_CPP_MIN_LOG_LEVEL": "2"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.vocab_paired", "--worker", json.dumps(group),
-             "--json", out], env=env, cwd=root, capture_output=True, text=True,
-            timeout=timeout)
-        if proc.returncode != 0:
-            return {**group, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
-        with open(out) as f:
-            return json.load(f)
-    except subprocess.TimeoutExpired:
-        return {**group, "error": [f"timed out after {timeout} s"]}
-    finally:
-        if os.path.exists(out):
-            os.unlink(out)
+    return _common.run_worker("benchmarks.vocab_paired", group, timeout)
 
 
 def goals(groups) -> list[list[str]]:

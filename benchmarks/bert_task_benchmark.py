@@ -357,7 +357,7 @@ def parse_args(argv=None):
                         help="a KerasHub BERT preset folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ratios", default="0.5,0.3")
-    parser.add_argument("--train", type=int, default=1200)
+    parser.add_argument("--train", type=int, default=2400)
     parser.add_argument("--test", type=int, default=600)
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--recover", type=int, default=400,
@@ -367,7 +367,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--recover-learning-rate", type=float, default=3e-5)
-    parser.add_argument("--sequential", choices=["off", "default"], default="off",
+    parser.add_argument("--sequential", choices=["off", "default"], default="default",
                         help="the whitened method's sequential refit: off, or the "
                              "library's default (WhitenedConfig())")
     parser.add_argument("--speed-batch", type=int, default=32)

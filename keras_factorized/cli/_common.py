@@ -79,64 +79,28 @@ def choices_help(descriptions: dict[str, str], choices: Sequence[str]) -> str:
 # Argument types: each raises a one-line message naming the value received.
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
-    return value
+def number_type(parse, accepted: str, check):
+    """An argparse `type`: `parse(text)` if `check` accepts it, else one line
+    naming what is accepted and the text received."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, received {text!r}")
+        return value
+
+    return convert
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], received {text!r}")
-    return value
-
-
-def split_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), received {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, received {text!r}")
-    return value
+positive_int = number_type(int, "a positive integer", lambda v: v >= 1)
+non_negative_int = number_type(int, "an integer >= 0", lambda v: v >= 0)
+fraction = number_type(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+split_fraction = number_type(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+non_negative_float = number_type(float, "a number >= 0", lambda v: v >= 0)
+positive_float = number_type(float, "a number > 0", lambda v: v > 0)
 
 
 def key_list(text: str) -> list:

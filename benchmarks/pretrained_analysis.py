@@ -22,7 +22,7 @@ import statistics
 
 import numpy as np
 
-from keras_factorized.atomic_io import atomic_output
+from benchmarks.seed_stats import plot_accuracy
 from keras_factorized.atomic_io import write_text
 
 # Keras `TextVectorization`'s default standardization strips these.
@@ -137,48 +137,16 @@ def plot_with_scratch(summary, kinds: dict, scratch_points, path: str) -> None:
     """Test accuracy against embedding parameters: the pretrained benchmark's
     rows (`summary`, plotted by `kind` as in `kinds`) and the `imdb` section's
     from-scratch models (`scratch_points`), into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    series = [
-        (label, marker, [r for r in summary if r["kind"] == kind])
-        for kind, (marker, label) in kinds.items()
-    ]
     scratch = [
         {"model": p["model"], "embedding_params": p["embedding_params"],
          "test_accuracy_mean": p["mean"] / 100, "test_accuracy_std": p["std"] / 100}
         for p in scratch_points
     ]  # fmt: skip
-    series.append(("from scratch, word-level (imdb section)", "*", scratch))
-    for label, marker, rows in series:
-        if not rows:
-            continue
-        ax.errorbar(
-            [r["embedding_params"] for r in rows],
-            [100 * r["test_accuracy_mean"] for r in rows],
-            yerr=[100 * r["test_accuracy_std"] for r in rows],
-            fmt=marker,
-            capsize=3,
-            label=label,
-        )
-        for r in rows:
-            point = (r["embedding_params"], 100 * r["test_accuracy_mean"])
-            ax.annotate(r["model"], point, textcoords="offset points", xytext=(4, 4), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("embedding parameters (log scale)")
-    ax.set_ylabel("test accuracy (%, mean ± std over seeds)")
-    ax.set_title("IMDB sentiment: pretrained MiniLM table (SVD) vs from scratch")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    plot_accuracy(
+        summary, path, kinds,
+        title="IMDB sentiment: pretrained MiniLM table (SVD) vs from scratch",
+        extra_series=[("from scratch, word-level (imdb section)", "*", scratch)],
+    )  # fmt: skip
 
 
 def accuracy_text(row):

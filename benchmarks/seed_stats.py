@@ -128,16 +128,24 @@ def plot_accuracy(
     path: str,
     kinds: dict | None = None,
     title: str = "IMDB sentiment: accuracy vs embedding size",
+    extra_series: tuple = (),
 ) -> None:
-    """Plots test accuracy (mean ± std) against embedding parameters (log x) into a PNG."""
+    """Plots test accuracy (mean ± std) against embedding parameters (log x) into a PNG.
+
+    `summary` rows are plotted by `kind` as `kinds` says (marker, label);
+    `extra_series` adds `(label, marker, rows)` series of rows of the same form.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, (marker, label) in (kinds or PLOT_KINDS).items():
-        rows = [r for r in summary if r["kind"] == kind]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = [
+        (label, marker, [r for r in summary if r["kind"] == kind])
+        for kind, (marker, label) in (kinds or PLOT_KINDS).items()
+    ]
+    for label, marker, rows in series + list(extra_series):
         if not rows:
             continue
         ax.errorbar(

@@ -105,3 +105,27 @@ def run_worker(module: str, cfg: dict, timeout: float) -> dict:
     finally:
         if os.path.exists(out):
             os.unlink(out)
+
+
+def memory_bytes(field: str) -> int:
+    """A field of this process's `/proc/self/status` (`"VmRSS"`, `"VmHWM"`) in
+    bytes; 0 where there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_memory() -> bool:
+    """Resets this process's resident high-water mark (Linux `clear_refs`);
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

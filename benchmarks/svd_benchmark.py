@@ -134,24 +134,6 @@ def _solve(solver: str, matrix: np.ndarray, rank: int):
     )
 
 
-def _memory_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Resets this process's resident high-water mark (Linux `clear_refs`)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(solver: str, matrix_path: str, rank: int, repeats: int) -> dict:
     """Times one solver on the saved matrix; run in its own process."""
     import gc
@@ -160,8 +142,8 @@ def worker(solver: str, matrix_path: str, rank: int, repeats: int) -> dict:
     matrix = np.load(matrix_path)
     _solve(solver, matrix[:256, : min(64, matrix.shape[1])], 8)  # imports, BLAS threads
     gc.collect()
-    baseline_kb = _memory_kb("VmRSS")
-    if not _reset_peak():
+    baseline_kb = _common.memory_bytes("VmRSS") // 1024
+    if not _common.reset_peak_memory():
         baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = []
     for _ in range(repeats):
@@ -171,7 +153,8 @@ def worker(solver: str, matrix_path: str, rank: int, repeats: int) -> dict:
         if len(seconds) < repeats:
             del a, b
             gc.collect()
-    peak_kb = _memory_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = _common.memory_bytes("VmHWM") // 1024
+    peak_kb = peak_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "solver": solver,
         "seconds": sorted(seconds),

@@ -145,27 +145,6 @@ def memory_rows(dims=(128, 300), ranks=(16, 32), optimizers=("adam", "sgd")) -> 
 # One run (in its own process)
 
 
-def _memory_bytes(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Resets the resident high-water mark (Linux `clear_refs`)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _embedding_layer(rows, dim, rank, name="items"):
     import keras
 
@@ -242,9 +221,9 @@ def measure(cfg) -> dict:
     # array) so that the baseline holds it and the peak above it is the model's.
     keras.ops.convert_to_numpy(keras.ops.add(keras.ops.ones((4,)), 1.0))
     gc.collect()
-    baseline = _memory_bytes("VmRSS")
+    baseline = _common.memory_bytes("VmRSS")
     warm = _warm_baseline(cfg)
-    reset = _reset_peak()
+    reset = _common.reset_peak_memory()
     start = time.perf_counter()
     model, x, y = build_model(cfg)
     build_seconds = time.perf_counter() - start
@@ -257,7 +236,7 @@ def measure(cfg) -> dict:
         start = time.perf_counter()
         loss = model.train_on_batch(x, y)
         seconds.append(time.perf_counter() - start)
-    peak = _memory_bytes("VmHWM") if reset else 0
+    peak = _common.memory_bytes("VmHWM") if reset else 0
     return {
         **cfg,
         "step_seconds": float(np.median(seconds)),
@@ -288,7 +267,7 @@ def _warm_baseline(cfg, rows=1000, steps=3):
         model.train_on_batch(x, y)
     del model, x, y
     gc.collect()
-    return _memory_bytes("VmRSS")
+    return _common.memory_bytes("VmRSS")
 
 
 def run_isolated(cfg, timeout=1800) -> dict:

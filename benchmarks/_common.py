@@ -7,6 +7,7 @@ shared machine hits all of them alike, and reports medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -105,6 +106,24 @@ def run_worker(module: str, cfg: dict, timeout: float) -> dict:
     finally:
         if os.path.exists(out):
             os.unlink(out)
+
+
+def add_worker_arguments(parser) -> None:
+    """The `--no-write`, `--json` and hidden `--worker` flags of a benchmark
+    whose runs go through `run_worker`."""
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def serve_worker(args, measure: Callable[[dict], dict]) -> bool:
+    """In a `run_worker` process: writes `measure(cfg)` to `--json`; True if it did."""
+    if not args.worker:
+        return False
+    from keras_factorized.atomic_io import write_text
+
+    write_text(args.json, json.dumps(measure(json.loads(args.worker))))
+    return True
 
 
 def memory_bytes(field: str) -> int:

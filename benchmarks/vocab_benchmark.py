@@ -558,14 +558,9 @@ def main(argv=None):
                         help="with --scaling: only the runs with this optimizer")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the section from the existing JSON, running nothing")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    _common.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        from keras_factorized.atomic_io import write_text
-
-        write_text(args.json, json.dumps(measure(json.loads(args.worker))))
+    if _common.serve_worker(args, measure):
         return
     backends = tuple(b for b in args.backends.split(",") if b)
     if not backends or set(backends) - set(BACKENDS):

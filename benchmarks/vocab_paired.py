@@ -23,7 +23,6 @@ Writes the `vocab-paired` section of BENCHMARKS.md and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -211,14 +210,9 @@ def main(argv=None):
     parser.add_argument("--only", default=None,
                         help="comma-separated group names (speed-tensorflow, speed-jax, "
                              "lazy-tensorflow)")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    _common.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        from keras_factorized.atomic_io import write_text
-
-        write_text(args.json, json.dumps(measure_group(json.loads(args.worker))))
+    if _common.serve_worker(args, measure_group):
         return
     if args.rounds < 1:
         parser.error(f"Received an invalid value for `--rounds`, expected an integer >= 1. "

@@ -62,8 +62,7 @@ DISTILLATION_FLAGS = {
     "data": (
         "--distillation-data",
         dict(metavar="DATA", help="unlabelled model inputs to distil on, a .npy array or an "
-             ".npz with an array `x` (default: the --calibration data, which then also "
-             "serves as held-out data)"),
+             ".npz with an array `x` (default: the --calibration data)"),
     ),
     "epochs": ("--distillation-epochs", dict(type=_common.non_negative_int, metavar="N")),
     "block_epochs": ("--block-epochs", dict(type=_common.non_negative_int, metavar="N")),
@@ -74,6 +73,14 @@ DISTILLATION_FLAGS = {
     "trainable": ("--distillation-trainable", {}),  # choices and help: _add_method_flags
     "seed": None,  # --seed
     "time_budget": ("--time-budget", dict(type=_common.positive_float, metavar="SECONDS")),
+    "validation_split": (
+        "--validation-split", dict(type=_common.split_fraction, metavar="FRACTION")
+    ),
+    "validation_data": (
+        "--validation-data",
+        dict(metavar="DATA", help="held-out model inputs to keep the best factors on, a .npy "
+             "array or an .npz with an array `x`, instead of a split of the distillation data"),
+    ),
 }
 
 
@@ -220,12 +227,14 @@ def _configs(args):
     from keras_factorized import surgery
 
     whitening = _common.config_from_args(surgery.WhitenedConfig, WHITENING_FLAGS, args)
-    data = args.distillation_data
+    data, validation = args.distillation_data, args.validation_data
     if data is not None:
         data = _inputs(data, "distillation data file")
+    if validation is not None:
+        validation = _inputs(validation, "validation data file")
     distillation = _common.config_from_args(
         surgery.DistillationConfig, DISTILLATION_FLAGS, args,
-        data=data, batch_size=args.batch_size, seed=args.seed,
+        data=data, validation_data=validation, batch_size=args.batch_size, seed=args.seed,
     )
     return whitening, distillation
 

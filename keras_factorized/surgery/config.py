@@ -89,12 +89,26 @@ class DistillationConfig:
             (`"mse"`, `"cosine_similarity"`, a `keras.losses.Loss`).
         trainable: `"factors"` trains only the new layers; `"all"` also the
             layers that were kept (normalizations, ...).
-        seed: seeds the order of the batches.
+        seed: seeds the order of the batches and the held-out split.
         time_budget: seconds each training phase (block-wise, end-to-end)
             may take; it stops after the step that crosses it (the
             factors kept are then those of the best held-out loss seen, the
             start included). `None`: no limit. A budget makes the result
             depend on the machine's speed.
+        validation_split: the fraction in `[0, 1)` of `data` held out of
+            training (drawn at random, seeded by `seed`; whole batches of a
+            `tf.data.Dataset`) to keep the best factors: the held-out loss is
+            measured before training, after the block-wise phase and after
+            each end-to-end epoch, and the factors returned are those of the
+            lowest, so distillation never returns factors worse on it than
+            those it started from. The held-out examples should be new to
+            the start: when `data` is left to the calibration data, they
+            were also fitted by the whitened factors, which favours keeping
+            the start. `0`: nothing held out, the factors of the last epoch
+            are kept.
+        validation_data: held-out model inputs to keep the best factors on,
+            in the forms of `data`, instead of a split of `data` (then
+            `validation_split` is not used).
 
     Example:
 
@@ -112,6 +126,8 @@ class DistillationConfig:
     trainable: str = "factors"
     seed: int = 0
     time_budget: float | None = None
+    validation_split: float = 0.125
+    validation_data: Any = None
 
     def __post_init__(self):
         for name, low in (("epochs", 0), ("block_epochs", 0), ("batch_size", 1)):
@@ -134,6 +150,12 @@ class DistillationConfig:
             or not self.time_budget > 0
         ):
             raise invalid_value("time_budget", "a number of seconds > 0, or None", self.time_budget)
+        if (
+            not isinstance(self.validation_split, numbers.Real)
+            or isinstance(self.validation_split, bool)
+            or not 0 <= self.validation_split < 1
+        ):
+            raise invalid_value("validation_split", "a number in [0, 1)", self.validation_split)
 
 
 # factorize's keyword arguments before the config objects: name -> (config, field).

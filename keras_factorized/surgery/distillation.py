@@ -4,7 +4,9 @@ The factor layers of the new model (the *student*) are trained by Adam so
 that its outputs reproduce those of the original model (the *teacher*) on
 unlabelled inputs; every other layer is frozen unless
 `DistillationConfig(trainable="all")`. The teacher's outputs are computed
-once, before training.
+once, before training. `split_held_out` sets aside the held-out inputs on
+which the best factors are kept: they must be new to the start, or its
+closed-form fit to them makes every training step look like a loss.
 """
 
 from __future__ import annotations
@@ -90,6 +92,55 @@ def _teacher_outputs(teacher, inputs, selection):
     return [
         [to_numpy(y) for y in select_outputs(teacher(x, training=False), selection)] for x in inputs
     ]
+
+
+def split_held_out(data, config):
+    """`(train, held_out, description)`: the inputs to distil on and those to
+    keep the best factors on.
+
+    `config.validation_data` if given; else a random fraction
+    `config.validation_split` of `data`, seeded by `config.seed` (of the
+    examples of array data, of the batches of a `tf.data.Dataset`), at least
+    one example or batch; `held_out` is `None` when nothing is held out
+    (`validation_split=0`, or fewer than two examples or batches).
+
+    Example:
+
+    >>> from keras_factorized.surgery import DistillationConfig
+    >>> x = np.arange(16.0).reshape(8, 2)
+    >>> train, held, why = split_held_out(x, DistillationConfig(validation_split=0.25))
+    >>> train.shape, held.shape, why
+    ((6, 2), (2, 2), '2 of 8 distillation examples held out')
+    """
+    if config.validation_data is not None:
+        return data, config.validation_data, "`validation_data`"
+    if config.validation_split == 0:
+        return data, None, None
+    is_dataset = hasattr(data, "as_numpy_iterator")
+    if is_dataset:
+        items = _Batches(batches(data, config.batch_size, "distillation_data"))
+        n, what = len(items), "batches"
+    else:
+        flat = keras.tree.flatten(data)
+        n, what = (len(flat[0]) if flat else 0), "examples"
+    if n < 2:
+        return data, None, None
+    held = min(n - 1, max(1, int(round(config.validation_split * n))))
+    order = np.random.default_rng([config.seed, 1]).permutation(n)  # not the batch order's
+    parts = []
+    for idx in (np.sort(order[held:]), np.sort(order[:held])):
+        if is_dataset:
+            parts.append(_Batches(items[i] for i in idx))
+        else:
+            parts.append(keras.tree.map_structure(lambda a, i=idx: np.asarray(a)[i], data))
+    return parts[0], parts[1], f"{held} of {n} distillation {what} held out"
+
+
+class _Batches(list):
+    """Batches of model inputs that `calibration.batches` yields as they are."""
+
+    def as_numpy_iterator(self):
+        return iter(self)
 
 
 def held_out_loss(student, teacher, config, data) -> float:

@@ -271,9 +271,12 @@ def _refine(call, new_model, targets, report, verbose):
         report.output_errors["sequential refit"] = probe(new_model)
     if call.method == "learned":
         distillation = call.distillation
-        train = data if distillation.data is None else distillation.data
-        validation = None if distillation.data is None else data
-        _learn(new_model, call.model, targets, report, distillation, train, validation, verbose)
+        # Held out of the training data, and new to the whitened start (which
+        # was fitted to the calibration data in closed form).
+        train, *held_out = distillation_lib.split_held_out(
+            data if distillation.data is None else distillation.data, distillation
+        )
+        _learn(new_model, call.model, targets, report, distillation, train, held_out, verbose)
         if probe is not None:
             report.output_errors["distilled"] = probe(new_model)
 
@@ -320,36 +323,40 @@ def _check_arguments(
         raise invalid_value("model", "a built Keras model (call it once or build it)", model)
 
 
-def _learn(new_model, model, targets, report, distillation, data, validation, verbose):
-    """Distils the factors of `new_model`; updates the report's rows."""
+def _learn(new_model, model, targets, report, distillation, data, held_out, verbose):
+    """Distils the factors of `new_model`; updates the report's rows.
+
+    `held_out` is `[inputs, description]` (`[None, None]`: nothing held out).
+    """
     factorized = [t for t in targets if t.rank is not None]
     layers = [walk.navigate(new_model, t.path) for t in factorized]
     if distillation.block_epochs:
         _blockwise(
-            new_model, model, targets, layers, report, distillation, data, validation, verbose
+            new_model, model, targets, layers, report, distillation, data, held_out, verbose
         )
     if distillation.epochs == 0:
         _refresh_rows(new_model, targets, report, "learned")
         return
-    history, held_out = distillation_lib.distill(
-        new_model, model, distillation, layers, data, verbose, validation
+    history, held_losses = distillation_lib.distill(
+        new_model, model, distillation, layers, data, verbose, held_out[0]
     )
     report.notes.append(
         f"distillation loss ({distillation.loss} to the original outputs) per epoch: "
         + ", ".join(f"{h:.4g}" for h in history)
     )
-    if held_out:
-        best = int(np.argmin(held_out))
+    if held_losses:
+        best = int(np.argmin(held_losses))
         report.notes.append(
-            "held-out loss (calibration data) before and after each epoch: "
-            + ", ".join(f"{h:.4g}" for h in held_out)
+            f"held-out loss ({held_out[1]}) before and after each epoch: "
+            + ", ".join(f"{h:.4g}" for h in held_losses)
             + f"; kept the factors of {'the start' if best == 0 else f'epoch {best}'}"
         )
     _refresh_rows(new_model, targets, report, "learned")
 
 
-def _blockwise(new_model, model, targets, layers, report, distillation, data, validation, verbose):
+def _blockwise(new_model, model, targets, layers, report, distillation, data, held_out, verbose):
     """Block-wise distillation, undone when it raises the held-out loss."""
+    validation, held = held_out
     saved = [[np.array(calibration.to_numpy(v)) for v in layer.weights] for layer in layers]
     before = None
     if validation is not None:
@@ -368,7 +375,7 @@ def _blockwise(new_model, model, targets, layers, report, distillation, data, va
             for variable, value in zip(layer.weights, values):
                 variable.assign(value)
     report.notes.append(
-        f"block-wise held-out loss (calibration data): {before:.4g} -> {after:.4g}; "
+        f"block-wise held-out loss ({held}): {before:.4g} -> {after:.4g}; "
         + ("kept" if kept else "undone")
     )
 

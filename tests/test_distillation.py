@@ -1,0 +1,179 @@
+"""The held-out data of `method="learned"`: split, kept-best factors, options."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_factorized import factorize
+from keras_factorized.surgery import DistillationConfig
+from keras_factorized.surgery import WhitenedConfig
+from keras_factorized.surgery.distillation import split_held_out
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _linear_mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(16, name="d1"), keras.layers.Dense(16, name="d2")]
+    )
+
+
+def _rows(x):
+    return {tuple(np.ravel(r)) for r in x}
+
+
+@pytest.mark.parametrize("fraction, held", [(0.125, 5), (0.5, 20), (0.01, 1), (0.999, 39)])
+def test_split_is_disjoint_complete_and_deterministic(fraction, held):
+    x = np.arange(40 * 3, dtype="float32").reshape(40, 3)
+    config = DistillationConfig(validation_split=fraction, seed=4)
+    train, held_out, description = split_held_out(x, config)
+    assert held_out.shape == (held, 3) and train.shape == (40 - held, 3)
+    assert not _rows(train) & _rows(held_out)
+    assert _rows(train) | _rows(held_out) == _rows(x)
+    assert description == f"{held} of 40 distillation examples held out"
+    again = split_held_out(x, config)
+    np.testing.assert_array_equal(again[0], train)
+    np.testing.assert_array_equal(again[1], held_out)
+
+
+def test_split_follows_the_seed_and_keeps_dict_inputs_aligned():
+    ids = np.arange(64).reshape(32, 2)
+    data = {"token_ids": ids, "padding_mask": ids * 10}
+    first = split_held_out(data, DistillationConfig(seed=0))[1]
+    other = split_held_out(data, DistillationConfig(seed=1))[1]
+    assert len(first["token_ids"]) == 4  # 0.125 of 32
+    assert _rows(first["token_ids"]) != _rows(other["token_ids"])
+    np.testing.assert_array_equal(first["padding_mask"], first["token_ids"] * 10)
+
+
+def test_split_of_a_dataset_holds_out_whole_batches():
+    tf = pytest.importorskip("tensorflow")
+    x = np.arange(64 * 2, dtype="float32").reshape(64, 2)
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    config = DistillationConfig(validation_split=0.25)
+    train, held_out, description = split_held_out(dataset, config)
+    assert description == "2 of 8 distillation batches held out"
+    train_rows = np.concatenate(list(train.as_numpy_iterator()))
+    held_rows = np.concatenate(list(held_out.as_numpy_iterator()))
+    assert len(held_rows) == 16 and not _rows(train_rows) & _rows(held_rows)
+    assert _rows(train_rows) | _rows(held_rows) == _rows(x)
+
+
+def test_nothing_held_out_without_a_split_or_with_one_example():
+    x = np.ones((8, 2), "float32")
+    assert split_held_out(x, DistillationConfig(validation_split=0.0)) == (x, None, None)
+    assert split_held_out(x[:1], DistillationConfig())[1] is None
+
+
+def test_validation_data_replaces_the_split():
+    x, v = np.ones((8, 2), "float32"), np.zeros((3, 2), "float32")
+    train, held_out, description = split_held_out(x, DistillationConfig(validation_data=v))
+    assert train is x and held_out is v and description == "`validation_data`"
+
+
+@pytest.mark.parametrize("value", [-0.1, 1, 1.5, float("nan"), True, "0.1", None])
+def test_invalid_validation_split(value):
+    with pytest.raises(ValueError) as info:
+        DistillationConfig(validation_split=value)
+    assert "`validation_split`, expected a number in [0, 1)" in str(info.value)
+    assert f"Received: validation_split={value!r}" in str(info.value)
+
+
+def _shifted_data(seed):
+    """Calibration inputs in an 8-dimensional subspace; distillation inputs in
+    all 16 dimensions: the whitened start fits only the subspace, so training
+    on the distillation data has a clearly better solution to find."""
+    rng = np.random.default_rng(seed)
+    calibration = np.zeros((64, 16), "float32")
+    calibration[:, :8] = rng.normal(size=(64, 8))
+    distillation = rng.normal(size=(256, 16)).astype("float32")
+    return calibration, distillation
+
+
+def _held_out_error(model, small, x):
+    return float(np.mean((_np(small(x)) - _np(model(x))) ** 2))
+
+
+def test_distillation_improves_the_held_out_loss_it_reports():
+    """Oracle: the held-out loss before and after, recomputed on the split
+    that `split_held_out` gives; the split is new to the start."""
+    model = _linear_mlp()
+    calibration, data = _shifted_data(0)
+    config = DistillationConfig(data=data, epochs=8, learning_rate=1e-2, batch_size=16)
+    kwargs = dict(rank=6, calibration_data=calibration, whitening=WhitenedConfig(sequential=False))
+    start = factorize(model, method="whitened", **kwargs)
+    learned = factorize(model, method="learned", distillation=config, **kwargs)
+    _, held_out, _ = split_held_out(data, config)
+    assert not _rows(held_out) & _rows(calibration)
+    before = _held_out_error(model, start, held_out)
+    after = _held_out_error(model, learned, held_out)
+    assert after < 0.8 * before
+    note = learned.factorization_report.notes[-1]
+    assert note.startswith("held-out loss (32 of 256 distillation examples held out)")
+    reported = [float(v) for v in note.split(": ")[1].split(";")[0].split(", ")]
+    np.testing.assert_allclose(reported[0], before, rtol=1e-3)
+    np.testing.assert_allclose(min(reported), after, rtol=1e-3)
+    assert "kept the factors of the start" not in note
+
+
+@pytest.mark.parametrize("block_epochs", [0, 1])
+def test_learned_never_returns_worse_than_its_start_on_validation_data(block_epochs):
+    """A learning rate that wrecks the factors: the start comes back, measured
+    on the given `validation_data`."""
+    model = _linear_mlp()
+    calibration, data = _shifted_data(1)
+    validation = np.random.default_rng(7).normal(size=(32, 16)).astype("float32")
+    config = DistillationConfig(
+        data=data, epochs=1, block_epochs=block_epochs, learning_rate=5.0,
+        validation_data=validation,
+    )
+    kwargs = dict(rank=4, calibration_data=calibration)
+    start = factorize(model, method="whitened", **kwargs)
+    wrecked = factorize(model, method="learned", distillation=config, **kwargs)
+    assert _held_out_error(model, wrecked, validation) <= _held_out_error(
+        model, start, validation
+    ) * (1 + 1e-5)
+    for a, b in zip(start.get_weights(), wrecked.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert "kept the factors of the start" in wrecked.factorization_report.notes[-1]
+
+
+def test_without_held_out_data_the_last_epoch_is_kept():
+    model = _linear_mlp()
+    calibration, data = _shifted_data(2)
+    config = DistillationConfig(data=data, epochs=1, learning_rate=5.0, validation_split=0.0)
+    kwargs = dict(rank=4, calibration_data=calibration)
+    start = factorize(model, method="whitened", **kwargs)
+    wrecked = factorize(model, method="learned", distillation=config, **kwargs)
+    assert not any("held-out" in n for n in wrecked.factorization_report.notes)
+    assert _held_out_error(model, wrecked, data) > _held_out_error(model, start, data)
+
+
+def test_compress_flags_reach_the_held_out_split(tmp_path, capsys):
+    from keras_factorized import cli
+
+    model = _linear_mlp()
+    model.save(tmp_path / "m.keras")
+    calibration, data = _shifted_data(3)
+    np.save(tmp_path / "c.npy", calibration)
+    np.save(tmp_path / "d.npy", data[:64])
+    np.save(tmp_path / "v.npy", data[64:72])
+    common = [
+        "compress", tmp_path / "m.keras", "--rank", "4", "--method", "learned",
+        "--calibration", tmp_path / "c.npy", "--distillation-data", tmp_path / "d.npy",
+        "--distillation-epochs", "1", "-q", "--report", tmp_path / "r.json", "--overwrite",
+    ]
+    for extra, expected in [
+        (["--validation-split", "0.25"], "16 of 64 distillation examples held out"),
+        (["--validation-data", tmp_path / "v.npy"], "`validation_data`"),
+    ]:
+        out = tmp_path / "small.keras"
+        code = cli.main([str(a) for a in [*common, *extra, "-o", out]])
+        assert code == 0, capsys.readouterr().err
+        assert expected in (tmp_path / "r.json").read_text()
+    code = cli.main([str(a) for a in [*common, "--validation-split", "1", "-o", out]])
+    assert code != 0
+    assert "--validation-split" in capsys.readouterr().err

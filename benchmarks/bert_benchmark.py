@@ -167,7 +167,7 @@ def render(results) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--calibration", type=int, default=128)
@@ -195,8 +195,32 @@ def main(argv=None):
                         help="re-render BENCHMARKS.md from a previous run's JSON")
     parser.add_argument("--json", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "out", "bert.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def finetune_results(key, models, backbone, preprocessor, train, test, exclude, args, log):
+    """Fine-tunes the original encoder and the compressed one `key` of step 1
+    on labelled reviews (none of `exclude`) and measures both."""
+    if key not in models:
+        raise ValueError(
+            "Received an invalid value for `--finetune-config`, expected one of "
+            f"{[','.join(k) for k in models]}. "
+            f"Received: --finetune-config={args.finetune_config!r}")
+    ft_texts, ft_labels, _ = balanced_sample(train, args.finetune_train, seed=4, exclude=exclude)
+    test_texts, test_labels, _ = balanced_sample(test, args.finetune_test, seed=5)
+    ft_x, test_x = tokenize(preprocessor, ft_texts), tokenize(preprocessor, test_texts)
+    ft_rows = []
+    for name, encoder in (("original", backbone),
+                          (f"{key[0]}, {key[1]} ({key[2]}), ratio 0.5", models[key])):
+        accuracy, seconds = finetune(encoder, ft_x, ft_labels, test_x, test_labels,
+                                     args, log, name)
+        ft_rows.append(dict(name=name, accuracy=accuracy, seconds=seconds))
+    return dict(train=args.finetune_train, test=args.finetune_test,
+                epochs=args.finetune_epochs, lr=args.finetune_lr, rows=ft_rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
             markdown = render(json.load(f))
@@ -232,25 +256,9 @@ def main(argv=None):
         "compression": rows,
     }
     if not args.no_finetune:
-        key = tuple(args.finetune_config.split(","))
-        if key not in models:
-            raise ValueError(
-                "Received an invalid value for `--finetune-config`, expected one of "
-                f"{[','.join(k) for k in models]}. "
-                f"Received: --finetune-config={args.finetune_config!r}")
-        ft_texts, ft_labels, _ = balanced_sample(
-            train, args.finetune_train, seed=4, exclude=np.concatenate([cal_idx, dis_idx]))
-        test_texts, test_labels, _ = balanced_sample(test, args.finetune_test, seed=5)
-        ft_x, test_x = tokenize(preprocessor, ft_texts), tokenize(preprocessor, test_texts)
-        ft_rows = []
-        for name, encoder in (("original", backbone),
-                              (f"{key[0]}, {key[1]} ({key[2]}), ratio 0.5", models[key])):
-            accuracy, seconds = finetune(encoder, ft_x, ft_labels, test_x, test_labels,
-                                         args, log, name)
-            ft_rows.append(dict(name=name, accuracy=accuracy, seconds=seconds))
-        results["finetune"] = dict(train=args.finetune_train, test=args.finetune_test,
-                                   epochs=args.finetune_epochs, lr=args.finetune_lr,
-                                   rows=ft_rows)
+        results["finetune"] = finetune_results(
+            tuple(args.finetune_config.split(",")), models, backbone, preprocessor, train,
+            test, np.concatenate([cal_idx, dis_idx]), args, log)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     write_text(args.json, json.dumps(results, indent=2))
     markdown = render(results)

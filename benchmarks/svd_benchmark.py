@@ -301,6 +301,88 @@ def scaling(rows_list, cols, rank, repeats=3) -> list[dict]:
     return out
 
 
+def _run_markdown(run: dict) -> list[str]:
+    """The lines of one matrix's run: the solvers' table, the `from_matrix`
+    overhead and the goals of `truncated_svd`."""
+    headers = [
+        "solver", "time", "vs TruncatedSVD", "peak memory / matrix",
+        "error", "above optimum",
+    ]
+    lines = []
+    rows_ = []
+    res = run["results"]
+    base = res.get("sklearn", {}).get("median_seconds")
+    for solver, r in res.items():
+        speed = f"{base / r['median_seconds']:.1f}x" if base else "n/a"
+        rows_.append([
+            SOLVERS[solver], _common.fmt_seconds(r["median_seconds"]), speed,
+            f"{1 + r['peak_extra_bytes'] / run['matrix_bytes']:.2f}x",
+            f"{r['error']:.6f}", f"{r['error_above_optimum']:+.1e}",
+        ])
+    m, n = run["shape"]
+    lines += [
+        "",
+        f"### {run['label']}: {m:,} x {n:,} float32 "
+        f"({_common.fmt_bytes(run['matrix_bytes'])}), rank {run['rank']}, "
+        f"optimum {run['optimal_error']:.6f}",
+        "",
+        markdown_table(headers, rows_),
+    ]
+    overhead = run.get("from_matrix")
+    if overhead:
+        med = overhead["median_seconds"]
+        lines += [
+            "",
+            f"`FactorizedEmbedding.from_matrix` ({overhead['backend']} backend) against "
+            f"`truncated_svd` alone, alternately in one process: "
+            f"{_common.fmt_seconds(med['from_matrix'])} against "
+            f"{_common.fmt_seconds(med['truncated_svd'])} (medians of "
+            f"{len(overhead['seconds']['from_matrix'])} rounds), overhead "
+            f"{overhead['overhead']:+.1%} (median of the per-round ratios) "
+            f"(goal <= {OVERHEAD_GOAL:.0%}: "
+            f"{_common.goal(overhead['overhead'] <= OVERHEAD_GOAL)}).",
+        ]
+    if "ours" in res:
+        ours = res["ours"]
+        checks = [
+            (f"speed >= {SPEED_GOAL:g}x TruncatedSVD",
+             f"{base / ours['median_seconds']:.1f}x" if base else "n/a",
+             base is not None and base / ours["median_seconds"] >= SPEED_GOAL),
+            (f"error <= optimum + {ERROR_GOAL:g}",
+             f"{ours['error_above_optimum']:+.1e}",
+             ours["error_above_optimum"] <= ERROR_GOAL),
+            (f"peak < {MEMORY_GOAL:g}x matrix",
+             f"{1 + ours['peak_extra_bytes'] / run['matrix_bytes']:.2f}x",
+             1 + ours["peak_extra_bytes"] / run["matrix_bytes"] < MEMORY_GOAL),
+        ]
+        lines += [
+            "",
+            markdown_table(
+                ["goal", "`truncated_svd`", "status"],
+                [[g, v, _common.goal(ok)] for g, v, ok in checks],
+            ),
+        ]
+    return lines
+
+
+def _scale_markdown(scale: list[dict]) -> list[str]:
+    """The lines of the scaling table of `truncated_svd(method="auto")`."""
+    return [
+        "",
+        "Scaling of `truncated_svd(method=\"auto\")` (Gram path, in-process "
+        "medians): `M^T M` costs m n^2 / 2 multiply-adds and `M V` m n k, so "
+        "the time grows linearly in m and k and about quadratically in n; the "
+        "last column is the time per multiply-add of those two passes.",
+        "",
+        markdown_table(
+            ["rows m", "cols n", "rank k", "time", "time / (m n (n / 2 + k))"],
+            [[f"{s['rows']:,}", s["cols"], s["rank"], _common.fmt_seconds(s["seconds"]),
+              f"{s['seconds'] / (s['rows'] * s['cols'] * (s['cols'] / 2 + s['rank'])) * 1e12:.1f} ps"]
+             for s in scale],
+        ),
+    ]
+
+
 def markdown(runs: list[dict], scale: list[dict], command: str, load: str) -> str:
     lines = [
         "## SVD initialisation: `truncated_svd` against scikit-learn, NumPy, TensorFlow",
@@ -317,79 +399,10 @@ def markdown(runs: list[dict], scale: list[dict], command: str, load: str) -> st
         f">= {SPEED_GOAL:g}x faster than `TruncatedSVD`, error <= optimum + "
         f"{ERROR_GOAL:g}, peak (matrix + working memory) < {MEMORY_GOAL:g}x the matrix.",
     ]
-    headers = [
-        "solver", "time", "vs TruncatedSVD", "peak memory / matrix",
-        "error", "above optimum",
-    ]
     for run in runs:
-        rows_ = []
-        res = run["results"]
-        base = res.get("sklearn", {}).get("median_seconds")
-        for solver, r in res.items():
-            speed = f"{base / r['median_seconds']:.1f}x" if base else "n/a"
-            rows_.append([
-                SOLVERS[solver], _common.fmt_seconds(r["median_seconds"]), speed,
-                f"{1 + r['peak_extra_bytes'] / run['matrix_bytes']:.2f}x",
-                f"{r['error']:.6f}", f"{r['error_above_optimum']:+.1e}",
-            ])
-        m, n = run["shape"]
-        lines += [
-            "",
-            f"### {run['label']}: {m:,} x {n:,} float32 "
-            f"({_common.fmt_bytes(run['matrix_bytes'])}), rank {run['rank']}, "
-            f"optimum {run['optimal_error']:.6f}",
-            "",
-            markdown_table(headers, rows_),
-        ]
-        overhead = run.get("from_matrix")
-        if overhead:
-            med = overhead["median_seconds"]
-            lines += [
-                "",
-                f"`FactorizedEmbedding.from_matrix` ({overhead['backend']} backend) against "
-                f"`truncated_svd` alone, alternately in one process: "
-                f"{_common.fmt_seconds(med['from_matrix'])} against "
-                f"{_common.fmt_seconds(med['truncated_svd'])} (medians of "
-                f"{len(overhead['seconds']['from_matrix'])} rounds), overhead "
-                f"{overhead['overhead']:+.1%} (median of the per-round ratios) "
-                f"(goal <= {OVERHEAD_GOAL:.0%}: "
-                f"{_common.goal(overhead['overhead'] <= OVERHEAD_GOAL)}).",
-            ]
-        if "ours" in res:
-            ours = res["ours"]
-            checks = [
-                (f"speed >= {SPEED_GOAL:g}x TruncatedSVD",
-                 f"{base / ours['median_seconds']:.1f}x" if base else "n/a",
-                 base is not None and base / ours["median_seconds"] >= SPEED_GOAL),
-                (f"error <= optimum + {ERROR_GOAL:g}",
-                 f"{ours['error_above_optimum']:+.1e}",
-                 ours["error_above_optimum"] <= ERROR_GOAL),
-                (f"peak < {MEMORY_GOAL:g}x matrix",
-                 f"{1 + ours['peak_extra_bytes'] / run['matrix_bytes']:.2f}x",
-                 1 + ours["peak_extra_bytes"] / run["matrix_bytes"] < MEMORY_GOAL),
-            ]
-            lines += [
-                "",
-                markdown_table(
-                    ["goal", "`truncated_svd`", "status"],
-                    [[g, v, _common.goal(ok)] for g, v, ok in checks],
-                ),
-            ]
+        lines += _run_markdown(run)
     if scale:
-        lines += [
-            "",
-            "Scaling of `truncated_svd(method=\"auto\")` (Gram path, in-process "
-            "medians): `M^T M` costs m n^2 / 2 multiply-adds and `M V` m n k, so "
-            "the time grows linearly in m and k and about quadratically in n; the "
-            "last column is the time per multiply-add of those two passes.",
-            "",
-            markdown_table(
-                ["rows m", "cols n", "rank k", "time", "time / (m n (n / 2 + k))"],
-                [[f"{s['rows']:,}", s["cols"], s["rank"], _common.fmt_seconds(s["seconds"]),
-                  f"{s['seconds'] / (s['rows'] * s['cols'] * (s['cols'] / 2 + s['rank'])) * 1e12:.1f} ps"]
-                 for s in scale],
-            ),
-        ]
+        lines += _scale_markdown(scale)
     return "\n".join(lines)
 
 

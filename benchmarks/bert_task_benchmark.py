@@ -19,6 +19,9 @@ measures it again. The speed of each encoder (tokens per second on a batch of
 test reviews, all positions counted) is timed against the original's in the
 same rounds.
 
+Each step is a function of `examples/bert_classifier/` (which shows one seed
+of this, for a user to copy): the benchmark measures exactly what it shows.
+
 Per-seed results go to `--out/seed_<n>.json` (the fine-tuned task to
 `seed_<n>_task.keras` until the seed is done); the summary over the finished
 seeds goes into BENCHMARKS.md, section `bert-task`.
@@ -39,13 +42,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks._common import load_average  # noqa: E402
-from benchmarks._common import time_interleaved  # noqa: E402
 from benchmarks.examples import load_example  # noqa: E402
 from benchmarks.report import machine_description  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
-from keras_factorized.datasets.imdb import balanced_sample  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(os.path.dirname(HERE), "..", "shared", "data", "aclImdb_v1.tar.gz")
@@ -54,52 +55,20 @@ SECTION = "bert-task"
 # Accuracy goals of issue 11: the largest gap (points) allowed at each ratio.
 GOALS = {0.5: 1.0, 0.3: 2.0}
 
-_example = load_example("bert_reparameterize")
-ALL_SIX, load_minilm, tokenize = _example.ALL_SIX, _example.load_minilm, _example.tokenize
-
-
-def compile_task(task, learning_rate: float) -> None:
-    task.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["sparse_categorical_accuracy"],
-    )
-
-
-def accuracy(task, texts, labels, batch_size: int = 64) -> float:
-    """Test accuracy of `task` on raw review strings (through its preprocessor)."""
-    logits = task.predict(texts, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == labels))
-
-
-def train(task, texts, labels, args, learning_rate: float, seed: int) -> float:
-    """One `fit` on raw strings, in an order drawn from `seed`; returns its seconds.
-
-    (A KerasHub task turns raw strings into a `tf.data.Dataset` that `fit` does
-    not shuffle.)
-    """
-    keras.utils.set_random_seed(seed)
-    order = np.random.default_rng(seed).permutation(len(texts))
-    compile_task(task, learning_rate)
-    start = time.perf_counter()
-    task.fit(texts[order], labels[order], batch_size=args.batch_size, epochs=1, verbose=0)
-    return time.perf_counter() - start
+# The example's functions: the benchmark measures exactly what it shows.
+_example = load_example("bert_classifier")
+ALL_SIX, accuracy = _example.ALL_SIX, _example.accuracy
 
 
 def finetuned_task(seed, data, args, log, paths):
     """The seed's fine-tuned task: loaded from `paths["task"]`, else trained and saved."""
-    import keras_hub
-
     if os.path.exists(paths["task"]):
         log(f"seed {seed}: loading the fine-tuned task from {paths['task']}")
         return keras.saving.load_model(paths["task"]), None
-    keras.utils.set_random_seed(seed)
-    backbone, preprocessor = load_minilm(args.sequence_length, args.model_dir)
-    task = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=preprocessor)
-    seconds = 0.0
-    for epoch in range(args.epochs):
-        seconds += train(task, data["train_texts"], data["train_labels"], args,
-                         args.learning_rate, seed * 1000 + epoch)
+    task = _example.build_classifier(args.sequence_length, args.model_dir, seed)
+    seconds = _example.finetune(task, data["train_texts"], data["train_labels"],
+                                epochs=args.epochs, learning_rate=args.learning_rate,
+                                batch_size=args.batch_size, seed=seed)
     task.save(paths["task"])
     return task, seconds
 
@@ -107,13 +76,11 @@ def finetuned_task(seed, data, args, log, paths):
 def compress(task, ratio, seed, data, args, log) -> tuple[dict, keras.Model]:
     """One compressed task of the seed, before and after its short epoch."""
     from keras_factorized import WhitenedConfig
-    from keras_factorized import factorize
 
-    calibration = tokenize(task.preprocessor, data["train_texts"][: args.calibration])
+    calibration = _example.calibration_inputs(task, data["train_texts"][: args.calibration])
     whitening = None if args.sequential == "default" else WhitenedConfig(sequential=False)
     start = time.perf_counter()
-    small = factorize(task, param_ratio=ratio, method="whitened", whitening=whitening,
-                      calibration_data=calibration, include=ALL_SIX)
+    small = _example.compress(task, ratio, calibration, whitening=whitening)
     factorize_seconds = time.perf_counter() - start
     report = small.factorization_report
     row = dict(ratio=ratio, param_ratio=report.param_ratio,
@@ -124,30 +91,30 @@ def compress(task, ratio, seed, data, args, log) -> tuple[dict, keras.Model]:
     log(f"seed {seed} ratio {ratio}: factorized in {factorize_seconds:.0f} s, "
         f"accuracy {row['accuracy']:.4f} (load {load_average()})")
     n = args.recover
-    row["recover_seconds"] = train(small, data["train_texts"][:n], data["train_labels"][:n],
-                                   args, args.recover_learning_rate, seed * 1000 + 999)
+    row["recover_seconds"] = _recover(small, n, seed, data, args)
     row["recovered_accuracy"] = accuracy(small, data["test_texts"], data["test_labels"])
     log(f"seed {seed} ratio {ratio}: after one epoch on {n} reviews "
         f"({row['recover_seconds']:.0f} s) accuracy {row['recovered_accuracy']:.4f}")
     return row, small
 
 
+def _recover(task, n, seed, data, args) -> float:
+    """The short epoch on the first `n` training reviews; returns its seconds."""
+    return _example.recover(task, data["train_texts"][:n], data["train_labels"][:n],
+                            learning_rate=args.recover_learning_rate,
+                            batch_size=args.batch_size, seed=seed)
+
+
 def encoder_speed(tasks: dict, data, args) -> dict:
     """Tokens per second of each task's encoder on one batch, timed round-robin."""
-    batch = tokenize(next(iter(tasks.values())).preprocessor,
-                     data["test_texts"][: args.speed_batch])
-    tokens = int(batch["token_ids"].size)
-    functions = {name: (lambda b=task.backbone: b.predict_on_batch(batch))
-                 for name, task in tasks.items()}
-    seconds = time_interleaved(functions, repeats=args.speed_repeats, min_seconds=0.0)
-    return {name: tokens / s for name, s in seconds.items()}
+    return _example.encoder_speed(tasks, data["test_texts"][: args.speed_batch],
+                                  repeats=args.speed_repeats)
 
 
 def control(task, seed, data, args, log) -> dict:
     """The uncompressed task after the same short epoch as the compressed ones."""
     n = args.recover
-    seconds = train(task, data["train_texts"][:n], data["train_labels"][:n],
-                    args, args.recover_learning_rate, seed * 1000 + 999)
+    seconds = _recover(task, n, seed, data, args)
     score = accuracy(task, data["test_texts"], data["test_labels"])
     log(f"seed {seed}: uncompressed + the same short epoch ({seconds:.0f} s): {score:.4f}")
     return {"control_accuracy": score, "control_seconds": seconds}
@@ -212,11 +179,7 @@ def run_config(args) -> dict:
 def load_data(args) -> dict:
     from keras_factorized.datasets import imdb
 
-    reviews = imdb.read_reviews(args.data)
-    train_texts, train_labels, _ = balanced_sample(reviews["train"], args.train, seed=11)
-    test_texts, test_labels, _ = balanced_sample(reviews["test"], args.test, seed=12)
-    return dict(train_texts=train_texts, train_labels=train_labels,
-                test_texts=test_texts, test_labels=test_labels)
+    return _example.sample_reviews(imdb.read_reviews(args.data), args.train, args.test)
 
 
 def _mean_std(values) -> str:

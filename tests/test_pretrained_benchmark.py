@@ -138,7 +138,7 @@ def test_write_glove_round_trips_through_load_word_vectors(tmp_path):
     assert vectors.oov == ["missing"]
 
 
-@pytest.mark.parametrize("name", ["imdb_lstm", "bert_reparameterize"])
+@pytest.mark.parametrize("name", ["imdb_lstm", "bert_reparameterize", "bert_classifier"])
 def test_benchmarks_load_the_example_scripts(name):
     from benchmarks.examples import load_example
 

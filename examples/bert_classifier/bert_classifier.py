@@ -13,7 +13,8 @@ attention output and both feed-forward projections of every block) with
 calibrated on a few training reviews, optionally fine-tunes it for one short
 epoch (`--recover` reviews; 0 skips it), and prints a table: test accuracy
 and its gap to the uncompressed fine-tuned task, parameters, and the
-encoder's CPU speed (tokens per second) against the original's. Each
+encoder's speed (tokens per second; on the CPU unless Keras finds a GPU)
+against the original's. Each
 compressed task is saved as `.keras` in `--save-dir`, loaded back, and
 checked to predict the same on raw strings.
 

@@ -151,7 +151,7 @@ def test_bad_values_exit_2_naming_the_flag(extra, message, tiny_preset, tmp_path
     assert message in capsys.readouterr().err
 
 
-def test_bad_param_ratio_is_an_argparse_error(tiny_preset, tmp_path):
+def test_bad_param_ratio_is_an_argparse_error():
     with pytest.raises(SystemExit):
         example.build_parser().parse_args(["--param-ratio", "1.5"])
 

@@ -13,6 +13,8 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from tiny_models import save_tiny_preset  # noqa: E402
+
 from keras_factorized import LowRankEinsumDense  # noqa: E402
 from keras_factorized import _keras_compat  # noqa: E402
 
@@ -23,20 +25,7 @@ WORDS = "a the film plot story acting good bad great painful moving one best yea
 
 @pytest.fixture
 def tiny_bert_preset(tmp_path):
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [".", ","]
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary),
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=32,
-    )
-    folder = str(tmp_path / "tiny_bert")
-    backbone.save_to_preset(folder)
-    tokenizer.save_to_preset(folder)
-    return folder
+    return save_tiny_preset(tmp_path / "tiny_bert", 32, WORDS + [".", ","])
 
 
 def test_example_runs_every_method_and_round_trips(tiny_bert_preset, capsys):

@@ -12,6 +12,7 @@ depended on that).
 import keras
 import numpy as np
 import pytest
+from tiny_models import tiny_bert
 
 from keras_factorized import data_aware
 from keras_factorized import factorize
@@ -30,15 +31,7 @@ LENGTH = 12
 
 def _bert(num_layers=2):
     """A tiny random BertBackbone (offline), with its default dropout."""
-    keras.utils.set_random_seed(7)
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=num_layers,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=LENGTH,
-    )
+    return tiny_bert(VOCABULARY, num_layers, LENGTH, seed=7)
 
 
 def _bert_inputs(n, seed):

@@ -5,6 +5,9 @@ import os
 import keras
 import numpy as np
 import pytest
+from tiny_models import Block
+from tiny_models import bert_inputs
+from tiny_models import tiny_bert
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
@@ -32,29 +35,6 @@ def _factor_variables(model):
         or "embeddings_a" in v.path
         or "embeddings_b" in v.path
     ]
-
-
-class Block(keras.layers.Layer):
-    """A layer holding a Dense and an EinsumDense in attributes."""
-
-    def __init__(self, units=16, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.inner = keras.layers.Dense(units, activation="relu")
-        self.project = keras.layers.EinsumDense("ab,bc->ac", units, bias_axes="c")
-
-    def build(self, input_shape):
-        self.inner.build(input_shape)
-        self.project.build((None, self.units))
-
-    def call(self, x):
-        return self.project(self.inner(x)) + x
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
-
-keras.saving.register_keras_serializable(package="keras_factorized_merge_tests")(Block)
 
 
 def _check_merge(small, x, output=lambda y: y):
@@ -124,20 +104,8 @@ def test_merge_of_an_unfactorized_model_is_a_copy():
 
 def test_merge_keras_hub_bert_backbone(tmp_path):
     keras_hub = pytest.importorskip("keras_hub")
-    bert = keras_hub.models.BertBackbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=16,
-    )
-    rng = np.random.default_rng(0)
-    x = {
-        "token_ids": rng.integers(1, 100, size=(4, 16)).astype("int32"),
-        "segment_ids": np.zeros((4, 16), "int32"),
-        "padding_mask": np.ones((4, 16), "int32"),
-    }
+    bert = tiny_bert()
+    x = bert_inputs(4)
     small = factorize(bert, rank=8)
     attention = small.get_layer("transformer_layer_0")._self_attention_layer
     assert isinstance(attention._query_dense, LowRankEinsumDense)

@@ -10,6 +10,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from tiny_models import tiny_bert
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
@@ -233,14 +234,6 @@ def test_functional_model_and_mixed_precision():
     assert _relative_error(got, want) < 0.05  # bfloat16 outputs: 8 bits of mantissa
 
 
-def _tiny_bert():
-    import keras_hub
-
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32,
-        intermediate_dim=64, max_sequence_length=16)
-
-
 def _bert_inputs(n=4, seq=16):
     mask = np.ones((n, seq), "int32")
     mask[:, seq - 3:] = 0
@@ -252,7 +245,7 @@ def test_factorized_keras_hub_backbone_quantize_save_load(tmp_path):
     pytest.importorskip("keras_hub")
     from keras_factorized import factorize
 
-    small = factorize(_tiny_bert(), rank=8, include=r"self_attention_layer/(query|key|value)$")
+    small = factorize(tiny_bert(), rank=8, include=r"self_attention_layer/(query|key|value)$")
     x = _bert_inputs()
     want = _np(small(x)["sequence_output"])
     small.quantize("int8")

@@ -6,6 +6,8 @@ import types
 import keras
 import numpy as np
 import pytest
+from tiny_models import bert_inputs  # noqa: E402
+from tiny_models import tiny_bert  # noqa: E402
 
 from keras_factorized import factorize
 from keras_factorized.data_aware import fit_objective
@@ -18,28 +20,6 @@ from keras_factorized.surgery import sequential
 
 def _np(x):
     return keras.ops.convert_to_numpy(x)
-
-
-def _tiny_bert(seed=0):
-    keras_hub = pytest.importorskip("keras_hub")
-    keras.utils.set_random_seed(seed)
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=16,
-    )
-
-
-def _bert_inputs(rows=32, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "token_ids": rng.integers(1, 100, size=(rows, 16)).astype("int32"),
-        "segment_ids": np.zeros((rows, 16), "int32"),
-        "padding_mask": np.ones((rows, 16), "int32"),
-    }
 
 
 def test_fitted_factors_with_a_residual_shift_are_the_least_squares_optimum():
@@ -71,7 +51,7 @@ def test_fitted_factors_reject_a_residual_cross_of_the_wrong_shape():
 
 
 def test_residual_links_of_a_post_norm_transformer_block():
-    bert = _tiny_bert()
+    bert = tiny_bert(seed=0)
     from keras_factorized.surgery import blocks
     from keras_factorized.surgery import copying
     from keras_factorized.surgery import selection
@@ -81,7 +61,7 @@ def test_residual_links_of_a_post_norm_transformer_block():
         copy, bert, selection.selection(include="transformer_layer_0")
     )
     block = bert.get_layer("transformer_layer_0")
-    call = blocks.block_calls(bert, [block], [_bert_inputs(4)], True)[0][0]
+    call = blocks.block_calls(bert, [block], [bert_inputs(4)], True)[0][0]
     links = sequential.residual_links(block, targets, call)
     named = {t.path[-1][1]: links.get(id(t)) for t in targets}
     # The attention output is added to the block's input, the second
@@ -98,9 +78,9 @@ def test_residual_refit_at_the_exact_rank_reproduces_the_model():
     # residual shifts are 0, and the refit must keep the model as it was
     # (with the default damping: without it, the refit amplifies round-off
     # in the directions the inputs barely visit).
-    bert = _tiny_bert()
+    bert = tiny_bert(seed=0)
     rng = np.random.default_rng(1)
-    x = _bert_inputs()
+    x = bert_inputs(32)
     for block in ("transformer_layer_0", "transformer_layer_1"):
         encoder = bert.get_layer(block)
         for dense in (
@@ -186,8 +166,8 @@ def test_refit_never_increases_the_calibration_error(damping, with_shift):
 
 def test_residual_refit_on_a_keras_hub_backbone_keeps_its_class():
     keras_hub = pytest.importorskip("keras_hub")
-    bert = _tiny_bert()
-    x = _bert_inputs()
+    bert = tiny_bert(seed=0)
+    x = bert_inputs(32)
     expected = _np(bert(x)["sequence_output"])
     kwargs = dict(param_ratio=0.5, method="whitened", calibration_data=x, allocation="uniform")
     plain = factorize(bert, whitening=WhitenedConfig(sequential=False), **kwargs)

@@ -3,6 +3,9 @@ import os
 import keras
 import numpy as np
 import pytest
+from tiny_models import Block
+from tiny_models import bert_inputs
+from tiny_models import tiny_bert
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
@@ -60,53 +63,6 @@ def _correlated_inputs(n, dim, seed=0):
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(dim, dim)) * np.linspace(0.05, 2.0, dim)[None, :]
     return (rng.normal(size=(n, dim)) @ mixing).astype("float32")
-
-
-class Block(keras.layers.Layer):
-    """A subclassed layer that holds layers (like a Transformer block)."""
-
-    def __init__(self, units=16, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.inner = keras.layers.Dense(units, activation="relu")
-        self.project = keras.layers.EinsumDense("ab,bc->ac", units, bias_axes="c")
-
-    def build(self, input_shape):
-        self.inner.build(input_shape)
-        self.project.build((None, self.units))
-
-    def call(self, x):
-        return self.project(self.inner(x)) + x
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
-
-keras.saving.register_keras_serializable(package="keras_factorized_tests")(Block)
-
-
-def _tiny_bert():
-    import keras_hub
-
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=16,
-    )
-
-
-def _bert_inputs(n=8, seq=16, seed=0):
-    rng = np.random.default_rng(seed)
-    mask = np.ones((n, seq), "int32")
-    mask[:, seq - 3 :] = 0
-    return {
-        "token_ids": rng.integers(1, 100, size=(n, seq)).astype("int32"),
-        "segment_ids": np.zeros((n, seq), "int32"),
-        "padding_mask": mask,
-    }
 
 
 def test_sequential_full_rank_reproduces_outputs_and_original_is_untouched():
@@ -190,8 +146,8 @@ def test_keras_hub_bert_full_rank_save_load_and_original_unchanged(tmp_path):
     pytest.importorskip("keras_hub")
     import keras_hub
 
-    bert = _make_low_rank(_tiny_bert(), 8)
-    x = _bert_inputs()
+    bert = _make_low_rank(tiny_bert(), 8)
+    x = bert_inputs(8, padded=3)
     before = _weights(bert)
     expected = _np(bert(x)["sequence_output"])
     small = factorize(bert, rank=8, include=r"self_attention_layer/(query|key|value)$")
@@ -234,8 +190,8 @@ def test_whitened_beats_svd_on_output_error():
 
 def test_whitened_never_worse_than_svd_on_bert_calibration_data():
     pytest.importorskip("keras_hub")
-    bert = _tiny_bert()
-    x = _bert_inputs(16)
+    bert = tiny_bert()
+    x = bert_inputs(16, padded=3)
     kwargs = dict(rank=8, calibration_data=x, include=r"self_attention_layer")
     svd = factorize(bert, method="svd", **kwargs).factorization_report
     white = factorize(bert, method="whitened", **kwargs).factorization_report
@@ -299,9 +255,9 @@ def test_factorized_bert_exports_saved_model(tmp_path):
     pytest.importorskip("keras_hub")
     import tensorflow as tf
 
-    bert = _tiny_bert()
+    bert = tiny_bert()
     small = factorize(bert, rank=8, include=r"self_attention_layer")
-    x = _bert_inputs(2)
+    x = bert_inputs(2, padded=3)
     path = os.path.join(tmp_path, "saved")
     small.export(path, format="tf_saved_model", verbose=False)
     served = tf.saved_model.load(path)
@@ -473,7 +429,7 @@ def test_walk_layers_reaches_layers_held_in_attributes():
 
 def test_reversible_embedding_is_kept_with_a_reason():
     pytest.importorskip("keras_hub")
-    bert = _tiny_bert()
+    bert = tiny_bert()
     report = factorize(bert, rank=4).factorization_report
     rows = {r.path: r for r in report.layers}
     token = [r for path, r in rows.items() if path.endswith("token_embedding")]

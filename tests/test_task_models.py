@@ -9,6 +9,7 @@ then predict, fit, save and load like the original task.
 import keras
 import numpy as np
 import pytest
+from tiny_models import tiny_bert
 
 from keras_factorized import LowRankEinsumDense
 from keras_factorized import WhitenedConfig
@@ -28,10 +29,7 @@ def tiny_task(seed=0):
     vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary)
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=8)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary), num_layers=2, num_heads=2,
-        hidden_dim=32, intermediate_dim=64, max_sequence_length=8,
-    )
+    backbone = tiny_bert(len(vocabulary), max_sequence_length=8)
     return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=preprocessor)
 
 

@@ -15,6 +15,9 @@ This module knows nothing of layers or models. It works on matrices `W`
 - `fitted_factors` refits the factors of a layer to the inputs `X'` a
   compressed model feeds it, against the original outputs `X W` (the
   sequential update of SVD-LLM / Dobi-SVD), in closed form.
+- `TokenCounts` and `frequency_weighted_svd` are the same for an embedding,
+  whose inputs are token ids (one-hot rows): its rows weighted by how often
+  the calibration data used them.
 - `allocate_ranks` spends one global parameter budget over many matrices,
   one rank at a time where it removes the most error per parameter.
 - `relative_output_error` measures `||X (W - W') + 1 (b - b')|| / ||X W + 1 b||`
@@ -211,6 +214,100 @@ def whitened_svd(
     else:
         left = np.linalg.solve(root.T, u)
     return WhitenedSVD(left, s, vt)
+
+
+class TokenCounts:
+    """How often each token id reached an embedding layer on calibration data.
+
+    For an embedding, the inputs are one-hot rows, so `X^T X` is the diagonal
+    of these counts: `frequency_weighted_svd` is `whitened_svd` for that case,
+    without ever forming the `(vocabulary, vocabulary)` matrix.
+
+    Args:
+        vocabulary_size: the number of rows of the embedding table.
+
+    Example:
+
+    >>> counts = TokenCounts(5)
+    >>> counts.update(np.array([[1, 1, 4], [0, 1, 9]]))  # 9 is out of range
+    >>> counts.counts.tolist(), counts.count
+    ([1.0, 3.0, 0.0, 0.0, 1.0], 5)
+    """
+
+    def __init__(self, vocabulary_size: int):
+        self.counts = np.zeros((int(vocabulary_size),), dtype=np.float64)
+        self.count = 0
+
+    def update(self, ids) -> None:
+        """Adds the ids of `ids` (any shape); ids outside the table are not
+        counted (an `Embedding` would fail or clip on them)."""
+        ids = np.asarray(ids).reshape(-1).astype(np.int64)
+        ids = ids[(ids >= 0) & (ids < self.counts.size)]
+        self.counts += np.bincount(ids, minlength=self.counts.size)
+        self.count += int(ids.size)
+
+
+def frequency_weighted_svd(table, counts: TokenCounts | np.ndarray, *, damping: float = 0.01):
+    """Token-frequency-aware SVD of an embedding `table` (`vocabulary x dim`).
+
+    Minimises `sum_i c_i ||E_i - (A B)_i||^2`, the squared error of the
+    embedding's outputs over the calibration tokens (`c_i`: how often id `i`
+    occurred), for every rank at once: the rows of `E` are scaled by
+    `sqrt(c_i + damping * mean(c))`, the scaled table's SVD is truncated
+    (Eckart-Young) and the scaling undone in `A`. The `damping` term is the
+    one of `whitened_svd` (here `X^T X = diag(c)`): ids the calibration data
+    never showed keep a little weight.
+
+    Args:
+        table: the `(vocabulary, dim)` embedding matrix.
+        counts: a `TokenCounts`, or the `(vocabulary,)` counts.
+        damping: added to every count, as a fraction of their mean.
+
+    Returns:
+        A `WhitenedSVD`.
+
+    Example:
+
+    >>> rng = np.random.default_rng(0)
+    >>> table = rng.normal(size=(50, 8))
+    >>> counts = np.zeros(50); counts[:10] = 100.0  # ten frequent ids
+    >>> a, b = frequency_weighted_svd(table, counts).factors(4)
+    >>> u, s, vt = np.linalg.svd(table, full_matrices=False)
+    >>> plain = (u[:, :4] * s[:4]) @ vt[:4]
+    >>> def weighted(approx):
+    ...     return float(np.sum(counts[:, None] * (table - approx) ** 2))
+    >>> bool(weighted(a @ b) < weighted(plain))
+    True
+    """
+    e = np.asarray(table, dtype=np.float64)
+    if e.ndim != 2:
+        raise invalid_value("table", "a 2-D matrix", f"an array of shape {e.shape}")
+    c = np.asarray(counts.counts if isinstance(counts, TokenCounts) else counts, np.float64)
+    if c.shape != (e.shape[0],) or not np.all(c >= 0):
+        raise invalid_value(
+            "counts", f"{e.shape[0]} counts >= 0 (one per row of the table)", f"shape {c.shape}"
+        )
+    if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or damping < 0:
+        raise invalid_value("damping", "a number >= 0", damping)
+    mean = float(c.mean())
+    weights = np.sqrt(c + (damping * mean if mean > 0 else 1.0))
+    weights = np.maximum(weights, _RELATIVE_FLOOR * float(weights.max()))
+    u, s, vt = scipy.linalg.svd(
+        e * weights[:, None], full_matrices=False, check_finite=False, lapack_driver="gesdd"
+    )
+    return WhitenedSVD(u / weights[:, None], s, vt)
+
+
+def weighted_relative_error(counts: TokenCounts, table, approx_table) -> float:
+    """`sqrt(sum_i c_i ||E_i - E'_i||^2 / sum_i c_i ||E_i||^2)`: an embedding's
+    relative output error over the calibration tokens."""
+    c = counts.counts
+    e = np.asarray(table, np.float64)
+    denominator = float(c @ np.sum(e * e, axis=1))
+    if denominator <= 0:
+        return 0.0
+    delta = e - np.asarray(approx_table, np.float64)
+    return math.sqrt(float(c @ np.sum(delta * delta, axis=1)) / denominator)
 
 
 def _solve_root(root, rhs, transpose=False):

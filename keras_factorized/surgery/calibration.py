@@ -87,19 +87,44 @@ def recording_inputs(layers_and_statistics, input_rows):
         cache.clear()
 
 
+@contextlib.contextmanager
+def recording_ids(layers_and_counts):
+    """Within the block, each embedding layer adds the ids it looks up to its
+    `TokenCounts`; every original `call` is restored afterwards."""
+    patched = []
+    try:
+        for layer, counts in layers_and_counts:
+            original_call = layer.call
+
+            def call(inputs, *args, _counts=counts, _call=original_call, **kwargs):
+                _counts.update(to_numpy(inputs))
+                return _call(inputs, *args, **kwargs)
+
+            layer.call = call
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.call
+
+
 def collect_statistics(model, targets, data, batch_size):
-    """Sets `target.stats` of every non-embedding target from the inputs its
-    layer (in the original `model`) sees when `model` runs on `data`."""
-    entries, by_key = [], {}
+    """Sets `target.stats` of every target from the inputs its layer (in the
+    original `model`) sees when `model` runs on `data`: `X^T X` and the mean
+    for a projection, the `TokenCounts` of the ids for an embedding."""
+    entries, by_key, id_entries = [], {}, []
     for t in targets:
         if t.kind == "embedding":
+            t.token_counts = data_aware.TokenCounts(t.shape[0])
+            id_entries.append((t.original, t.token_counts))
             continue
         t.stats = data_aware.ActivationStatistics(t.shape[0])
         key = (t.shape[0], t.factorization.equation if t.factorization else None)
         by_key[key] = t
         entries.append((t.original, t.stats, key))
     seen = 0
-    with recording_inputs(entries, lambda key, x: by_key[key].input_rows(x)) as next_batch:
+    recording = recording_inputs(entries, lambda key, x: by_key[key].input_rows(x))
+    with recording as next_batch, recording_ids(id_entries):
         for batch in batches(data, batch_size):
             next_batch()
             model(batch, training=False)

@@ -2,7 +2,8 @@
 
 `"svd"` decomposes the weight matrix; `"whitened"` (and the start of
 `"learned"`) decomposes it as seen through the layer's calibration inputs
-(`data_aware.whitened_svd`). The factors of a target at its chosen rank, and
+(`data_aware.whitened_svd`; for an embedding, its rows weighted by how often
+the calibration data used each id, `data_aware.frequency_weighted_svd`). The factors of a target at its chosen rank, and
 the bias that goes with them, come from the same spectrum.
 """
 
@@ -25,7 +26,8 @@ def corrects_bias(target, whitening) -> bool:
 
 
 def spectrum(target, method, whitening):
-    """The `WhitenedSVD` of `target` (with statistics, not `"svd"`), else its SVD."""
+    """The `WhitenedSVD` of `target` (with statistics, not `"svd"`: its inputs'
+    `X^T X`, or an embedding's token counts), else its SVD."""
     if method != "svd" and target.stats is not None:
         # With a bias to absorb the mean error, only the centred part of the
         # inputs needs the rank.
@@ -34,6 +36,10 @@ def spectrum(target, method, whitening):
             target.stats,
             damping=whitening.damping,
             center=corrects_bias(target, whitening),
+        )
+    if method != "svd" and target.token_counts is not None:
+        return data_aware.frequency_weighted_svd(
+            target.matrix, target.token_counts, damping=whitening.damping
         )
     return truncated_svd(target.matrix, min(target.shape), method="lapack")
 

@@ -14,7 +14,8 @@ weights; `merge` is its inverse. The steps, each in its own module:
 Methods: `"svd"` truncates the SVD of each weight (`min ||W - A B||`);
 `"whitened"` minimises each layer's output error `||X W - X A B||` for the
 inputs `X` it sees on the calibration data (whiten by a square root of
-`X^T X`, SVD, un-whiten: SVD-LLM; embeddings use plain SVD); `"learned"`
+`X^T X`, SVD, un-whiten: SVD-LLM; an embedding's rows are weighted by how
+often the calibration data used each id); `"learned"`
 starts from `"whitened"` (or `"svd"` without calibration data) and trains the
 factors so that the whole model reproduces the original outputs. Layers kept
 as they are get a report row saying why: directly in the graph of a model
@@ -255,18 +256,9 @@ def _refine(call, new_model, targets, report, verbose):
     if data is not None:
         probe = report_lib.OutputErrorProbe(call.model, data, call.batch_size)
         report.output_errors["factorized"] = probe(new_model)
-    if call.whitening.sequential and call.method != "svd" and data is not None:
-        sequential.sequential_update(
-            call.model,
-            new_model,
-            # Only layers with input statistics: an embedding's input is ids.
-            [t for t in targets if t.stats is not None],
-            data,
-            call.batch_size,
-            call.whitening.damping,
-            call.split,
-            residual=call.whitening.residual,
-        )
+    sequential_refit = call.whitening.sequential and call.method != "svd" and data is not None
+    if sequential_refit:
+        _sequential_refit(call, new_model, targets, data)
         _refresh_rows(new_model, targets, report, "whitened, sequential")
         report.output_errors["sequential refit"] = probe(new_model)
     if call.method == "learned":
@@ -276,9 +268,30 @@ def _refine(call, new_model, targets, report, verbose):
         train, *held_out = distillation_lib.split_held_out(
             data if distillation.data is None else distillation.data, distillation
         )
+        if sequential_refit and distillation.refit and distillation.data is not None:
+            both = distillation_lib.joined_batches([data, train], call.batch_size)
+            _keep_if_better(
+                lambda: _sequential_refit(call, new_model, targets, both),
+                "sequential refit on the calibration and distillation data",
+                new_model, call.model, targets, distillation, held_out, report,
+            )
         _learn(new_model, call.model, targets, report, distillation, train, held_out, verbose)
         if probe is not None:
             report.output_errors["distilled"] = probe(new_model)
+
+
+def _sequential_refit(call, new_model, targets, data):
+    sequential.sequential_update(
+        call.model,
+        new_model,
+        # Only layers with input statistics: an embedding's input is ids.
+        [t for t in targets if t.stats is not None],
+        data,
+        call.batch_size,
+        call.whitening.damping,
+        call.split,
+        residual=call.whitening.residual,
+    )
 
 
 def _build_replacements(targets, split, whitening, allocation, reason, gains):
@@ -331,9 +344,7 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
     factorized = [t for t in targets if t.rank is not None]
     layers = [walk.navigate(new_model, t.path) for t in factorized]
     if distillation.block_epochs:
-        _blockwise(
-            new_model, model, targets, layers, report, distillation, data, held_out, verbose
-        )
+        _blockwise(new_model, model, targets, report, distillation, data, held_out, verbose)
     if distillation.epochs == 0:
         _refresh_rows(new_model, targets, report, "learned")
         return
@@ -354,18 +365,32 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
     _refresh_rows(new_model, targets, report, "learned")
 
 
-def _blockwise(new_model, model, targets, layers, report, distillation, data, held_out, verbose):
+def _blockwise(new_model, model, targets, report, distillation, data, held_out, verbose):
     """Block-wise distillation, undone when it raises the held-out loss."""
+    losses = []
+
+    def step():
+        losses.extend(
+            blockwise.blockwise_distill(model, new_model, targets, data, distillation, verbose)
+        )
+        report.notes.append(
+            "block-wise distillation loss (mse to each original block's outputs), last "
+            "epoch per block: " + ", ".join(f"{h:.4g}" for h in losses)
+        )
+
+    _keep_if_better(step, "block-wise", new_model, model, targets, distillation, held_out, report)
+
+
+def _keep_if_better(step, label, new_model, model, targets, distillation, held_out, report):
+    """Runs `step()` (which changes the factors of `new_model`) and undoes it
+    when it raises the loss on the held-out inputs `held_out[0]`."""
     validation, held = held_out
+    layers = [walk.navigate(new_model, t.path) for t in targets if t.rank is not None]
     saved = [[np.array(calibration.to_numpy(v)) for v in layer.weights] for layer in layers]
     before = None
     if validation is not None:
         before = distillation_lib.held_out_loss(new_model, model, distillation, validation)
-    losses = blockwise.blockwise_distill(model, new_model, targets, data, distillation, verbose)
-    report.notes.append(
-        "block-wise distillation loss (mse to each original block's outputs), last "
-        "epoch per block: " + ", ".join(f"{h:.4g}" for h in losses)
-    )
+    step()
     if before is None:
         return
     after = distillation_lib.held_out_loss(new_model, model, distillation, validation)
@@ -375,7 +400,7 @@ def _blockwise(new_model, model, targets, layers, report, distillation, data, he
             for variable, value in zip(layer.weights, values):
                 variable.assign(value)
     report.notes.append(
-        f"block-wise held-out loss ({held}): {before:.4g} -> {after:.4g}; "
+        f"{label} held-out loss ({held}): {before:.4g} -> {after:.4g}; "
         + ("kept" if kept else "undone")
     )
 

@@ -252,6 +252,8 @@ def factorized_row(target, new_layer, approx, new_bias, allocation="") -> LayerF
         output_error = data_aware.relative_output_error(
             target.stats, matrix, approx, target.bias, new_bias
         )
+    elif target.token_counts is not None:
+        output_error = data_aware.weighted_relative_error(target.token_counts, matrix, approx)
     return LayerFactorization(
         path=target.layer.path,
         layer_class=type(target.layer).__name__,

@@ -38,6 +38,7 @@ class Target:
     bias: np.ndarray | None
     factorization: EinsumFactorization | None = None
     stats: data_aware.ActivationStatistics | None = None
+    token_counts: data_aware.TokenCounts | None = None  # embeddings
     spectrum: Any = None  # SVDResult or WhitenedSVD
     rank: int | None = None
     note: str = ""

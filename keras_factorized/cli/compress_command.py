@@ -76,6 +76,7 @@ DISTILLATION_FLAGS = {
     "validation_split": (
         "--validation-split", dict(type=_common.split_fraction, metavar="FRACTION")
     ),
+    "refit": ("--distillation-refit", dict(action=argparse.BooleanOptionalAction)),
     "validation_data": (
         "--validation-data",
         dict(metavar="DATA", help="held-out model inputs to keep the best factors on, a .npy "

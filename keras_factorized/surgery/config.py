@@ -86,7 +86,11 @@ class DistillationConfig:
         outputs: the outputs to reproduce (keys of a dict output, e.g.
             `["sequence_output"]`, or indices); default all of them.
         loss: the Keras loss between the new and the original outputs
-            (`"mse"`, `"cosine_similarity"`, a `keras.losses.Loss`).
+            (`"mse"`, `"cosine_similarity"`, a `keras.losses.Loss`), or
+            `"auto"`: `"cosine_similarity"` for outputs with a sequence axis
+            (`(batch, steps, features)`, e.g. a Transformer's hidden states,
+            whose direction is what poolings and later layers read) and
+            `"mse"` for the others (logits, pooled vectors).
         trainable: `"factors"` trains only the new layers; `"all"` also the
             layers that were kept (normalizations, ...).
         seed: seeds the order of the batches and the held-out split.
@@ -109,6 +113,13 @@ class DistillationConfig:
         validation_data: held-out model inputs to keep the best factors on,
             in the forms of `data`, instead of a split of `data` (then
             `validation_split` is not used).
+        refit: before training, when `data` is not the calibration data,
+            run `WhitenedConfig`'s sequential refit again (closed form, no
+            training) on the calibration data and `data` (less its held-out
+            part) together: a closed-form fit to a few calibration examples
+            does not carry over to new inputs, a fit to more does. Kept
+            only if it lowers the held-out loss; needs
+            `WhitenedConfig(sequential=True)`.
 
     Example:
 
@@ -117,17 +128,18 @@ class DistillationConfig:
     """
 
     data: Any = None
-    epochs: int = 2
+    epochs: int = 6
     block_epochs: int = 0
-    learning_rate: float = 1e-4
-    batch_size: int = 32
+    learning_rate: float = 2e-4
+    batch_size: int = 16
     outputs: Sequence | None = None
-    loss: Any = "mse"
+    loss: Any = "auto"
     trainable: str = "factors"
     seed: int = 0
     time_budget: float | None = None
     validation_split: float = 0.125
     validation_data: Any = None
+    refit: bool = False
 
     def __post_init__(self):
         for name, low in (("epochs", 0), ("block_epochs", 0), ("batch_size", 1)):
@@ -150,6 +162,8 @@ class DistillationConfig:
             or not self.time_budget > 0
         ):
             raise invalid_value("time_budget", "a number of seconds > 0, or None", self.time_budget)
+        if not isinstance(self.refit, bool):
+            raise invalid_type("refit", "a boolean", self.refit)
         if (
             not isinstance(self.validation_split, numbers.Real)
             or isinstance(self.validation_split, bool)

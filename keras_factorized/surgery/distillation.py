@@ -82,6 +82,22 @@ def _optimizer(learning_rate, steps):
     return keras.optimizers.Adam(schedule)
 
 
+def output_losses(loss, targets):
+    """The loss of each output: `loss`, or for `"auto"`, `"cosine_similarity"`
+    for outputs with a sequence axis (`(batch, steps, features)`: hidden
+    states, token embeddings, whose direction is what later layers and
+    poolings read) and `"mse"` for the others (logits, pooled vectors).
+
+    Example:
+
+    >>> output_losses("auto", [np.zeros((2, 5, 8)), np.zeros((2, 8))])
+    ['cosine_similarity', 'mse']
+    """
+    if not (isinstance(loss, str) and loss == "auto"):
+        return [loss] * len(targets)
+    return ["cosine_similarity" if np.ndim(t) >= 3 else "mse" for t in targets]
+
+
 def _mean_loss(distiller, inputs, targets):
     return float(
         np.mean([np.ravel(distiller.test_on_batch(x, y))[0] for x, y in zip(inputs, targets)])
@@ -136,6 +152,12 @@ def split_held_out(data, config):
     return parts[0], parts[1], f"{held} of {n} distillation {what} held out"
 
 
+def joined_batches(datas, batch_size):
+    """The batches of each of `datas` (arrays, dicts of arrays or datasets),
+    one after the other, as data that `calibration.batches` reads."""
+    return _Batches(b for data in datas for b in batches(data, batch_size))
+
+
 class _Batches(list):
     """Batches of model inputs that `calibration.batches` yields as they are."""
 
@@ -148,7 +170,7 @@ def held_out_loss(student, teacher, config, data) -> float:
     inputs = list(batches(data, config.batch_size))
     targets = _teacher_outputs(teacher, inputs, config.outputs)
     distiller = _Distiller(student, config.outputs, name="distiller")
-    distiller.compile(loss=[config.loss] * len(targets[0]))
+    distiller.compile(loss=output_losses(config.loss, targets[0]))
     return _mean_loss(distiller, inputs, targets)
 
 
@@ -183,7 +205,7 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None):
         distiller = _Distiller(student, config.outputs, name="distiller")
         distiller.compile(
             optimizer=_optimizer(config.learning_rate, max(1, config.epochs * len(inputs))),
-            loss=[config.loss] * len(targets[0]),
+            loss=output_losses(config.loss, targets[0]),
         )
         trained = distiller.trainable_weights
         if held_inputs:

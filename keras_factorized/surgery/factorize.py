@@ -352,7 +352,7 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
         new_model, model, distillation, layers, data, verbose, held_out[0]
     )
     report.notes.append(
-        f"distillation loss ({distillation.loss} to the original outputs) per epoch: "
+        f"distillation loss ({_loss_label(distillation.loss)} to the original outputs) per epoch: "
         + ", ".join(f"{h:.4g}" for h in history)
     )
     if held_losses:
@@ -363,6 +363,12 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
             + f"; kept the factors of {'the start' if best == 0 else f'epoch {best}'}"
         )
     _refresh_rows(new_model, targets, report, "learned")
+
+
+def _loss_label(loss) -> str:
+    if isinstance(loss, str) and loss == "auto":
+        return "auto: cosine_similarity for outputs with a sequence axis, else mse"
+    return str(loss)
 
 
 def _blockwise(new_model, model, targets, report, distillation, data, held_out, verbose):

@@ -17,13 +17,15 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from tiny_models import WORDS  # noqa: E402
+from tiny_models import save_tiny_preset  # noqa: E402
+
 from benchmarks.examples import load_example  # noqa: E402
 from keras_factorized import LowRankEinsumDense  # noqa: E402
 from keras_factorized import _keras_compat  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "data", "imdb_fixture", "aclImdb_mini.tar.gz")
-WORDS = "a the film movie plot story acting good bad great was is it this and of to".split()
 
 example = load_example("bert_classifier")
 # On JAX every fit and factorize of a task costs a few times more than on
@@ -36,16 +38,8 @@ RECOVER = "8" if ON_TENSORFLOW else "0"
 
 @pytest.fixture(scope="module")
 def tiny_preset(tmp_path_factory):
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [".", ","]
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary), num_layers=2, num_heads=2,
-        hidden_dim=32, intermediate_dim=64, max_sequence_length=16,
-    )
-    folder = str(tmp_path_factory.mktemp("preset") / "tiny_bert")
-    backbone.save_to_preset(folder)
-    tokenizer.save_to_preset(folder)
-    return folder
+    return save_tiny_preset(tmp_path_factory.mktemp("preset") / "tiny_bert", 16,
+                            WORDS + [".", ","])
 
 
 def small_argv(preset, save_dir, *extra):

@@ -376,9 +376,9 @@ def test_distillation_config_trains_like_the_legacy_arguments():
     legacy = factorize(
         model, distillation_data=x, distillation_epochs=2, learning_rate=1e-3, **kwargs
     )
-    config = factorize(
-        model, distillation=DistillationConfig(data=x, epochs=2, learning_rate=1e-3), **kwargs
-    )
+    # The legacy arguments distil at `factorize`'s `batch_size` (32).
+    config = DistillationConfig(data=x, epochs=2, learning_rate=1e-3, batch_size=32)
+    config = factorize(model, distillation=config, **kwargs)
     np.testing.assert_allclose(_np(legacy(x)), _np(config(x)), atol=1e-5)
 
 

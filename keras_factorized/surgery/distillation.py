@@ -95,7 +95,7 @@ def output_losses(loss, targets):
     """
     if not (isinstance(loss, str) and loss == "auto"):
         return [loss] * len(targets)
-    return ["cosine_similarity" if np.ndim(t) >= 3 else "mse" for t in targets]
+    return ["cosine_similarity" if len(t.shape) >= 3 else "mse" for t in targets]
 
 
 def _mean_loss(distiller, inputs, targets):

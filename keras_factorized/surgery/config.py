@@ -117,9 +117,10 @@ class DistillationConfig:
             run `WhitenedConfig`'s sequential refit again (closed form, no
             training) on the calibration data and `data` (less its held-out
             part) together: a closed-form fit to a few calibration examples
-            does not carry over to new inputs, a fit to more does. Kept
+            carries over less well to new inputs than a fit to more. Kept
             only if it lowers the held-out loss; needs
-            `WhitenedConfig(sequential=True)`.
+            `WhitenedConfig(sequential=True)`; costs a sequential refit over
+            all that data (off by default for that cost).
 
     Example:
 

@@ -44,6 +44,22 @@ def batches(data, batch_size, name="calibration_data"):
 
 
 @contextlib.contextmanager
+def wrapped_calls(layers_and_wrappers):
+    """Within the block, each `layer.call` is `wrap(original_call)`, for each
+    `(layer, wrap)`; every original `call` is restored afterwards, even when
+    the block raises."""
+    patched = []
+    try:
+        for layer, wrap in layers_and_wrappers:
+            layer.call = wrap(layer.call)
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.call
+
+
+@contextlib.contextmanager
 def recording_inputs(layers_and_statistics, input_rows):
     """Within the block, each layer adds its inputs to its statistics.
 
@@ -57,15 +73,13 @@ def recording_inputs(layers_and_statistics, input_rows):
         A function to call before each batch (it clears the shared cache).
     """
     cache = {}
-    patched = []
-    try:
-        for layer, statistics, key in layers_and_statistics:
-            original_call = layer.call
 
-            def call(inputs, *args, _stats=statistics, _key=key, _call=original_call, **kwargs):
-                cache_key = (id(inputs), _key)
+    def recorder(statistics, key):
+        def wrap(original_call):
+            def call(inputs, *args, **kwargs):
+                cache_key = (id(inputs), key)
                 if cache_key not in cache or cache[cache_key][0] is not inputs:
-                    rows = input_rows(_key, to_numpy(inputs)).astype(np.float32)
+                    rows = input_rows(key, to_numpy(inputs)).astype(np.float32)
                     # `inputs` is kept so that its id is not reused by a later
                     # tensor of the batch (it was: wrong, history-dependent
                     # statistics for attention outputs on JAX).
@@ -73,39 +87,38 @@ def recording_inputs(layers_and_statistics, input_rows):
                         inputs, rows.T @ rows, rows.sum(0, dtype=np.float64), rows.shape[0]
                     )
                 _, gram, total, count = cache[cache_key]
-                _stats.gram += gram
-                _stats.sum += total
-                _stats.count += count
-                return _call(inputs, *args, **kwargs)
+                statistics.gram += gram
+                statistics.sum += total
+                statistics.count += count
+                return original_call(inputs, *args, **kwargs)
 
-            layer.call = call
-            patched.append(layer)
-        yield cache.clear
+            return call
+
+        return wrap
+
+    wrappers = [(layer, recorder(stats, key)) for layer, stats, key in layers_and_statistics]
+    try:
+        with wrapped_calls(wrappers):
+            yield cache.clear
     finally:
-        for layer in patched:
-            del layer.call
         cache.clear()
 
 
-@contextlib.contextmanager
 def recording_ids(layers_and_counts):
     """Within the block, each embedding layer adds the ids it looks up to its
     `TokenCounts`; every original `call` is restored afterwards."""
-    patched = []
-    try:
-        for layer, counts in layers_and_counts:
-            original_call = layer.call
 
-            def call(inputs, *args, _counts=counts, _call=original_call, **kwargs):
-                _counts.update(to_numpy(inputs))
-                return _call(inputs, *args, **kwargs)
+    def counter(counts):
+        def wrap(original_call):
+            def call(inputs, *args, **kwargs):
+                counts.update(to_numpy(inputs))
+                return original_call(inputs, *args, **kwargs)
 
-            layer.call = call
-            patched.append(layer)
-        yield
-    finally:
-        for layer in patched:
-            del layer.call
+            return call
+
+        return wrap
+
+    return wrapped_calls([(layer, counter(counts)) for layer, counts in layers_and_counts])
 
 
 def collect_statistics(model, targets, data, batch_size):

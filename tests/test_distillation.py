@@ -128,7 +128,7 @@ def test_learned_never_returns_worse_than_its_start_on_validation_data(block_epo
     validation = np.random.default_rng(7).normal(size=(32, 16)).astype("float32")
     config = DistillationConfig(
         data=data, epochs=1, block_epochs=block_epochs, learning_rate=5.0,
-        validation_data=validation,
+        validation_data=validation, refit=False,  # the start: the whitened factors
     )
     kwargs = dict(rank=4, calibration_data=calibration)
     start = factorize(model, method="whitened", **kwargs)
@@ -196,3 +196,28 @@ def test_refit_on_the_distillation_data_fits_what_calibration_missed():
     assert note.endswith("kept")
     with pytest.raises(TypeError, match="`refit`"):
         DistillationConfig(refit=1)
+
+
+def test_calibration_data_joins_the_training_data():
+    # Batches of the calibration data, then of `data`: the same batches as
+    # `data` holding both (both sizes are multiples of the batch size).
+    model = _linear_mlp()
+    rng = np.random.default_rng(5)
+    calibration = rng.normal(size=(32, 16)).astype("float32")
+    data = rng.normal(size=(48, 16)).astype("float32")
+    common = dict(epochs=1, validation_split=0, refit=False, batch_size=16)
+
+    def learned(distil_on, use_calibration_data):
+        config = DistillationConfig(
+            data=distil_on, use_calibration_data=use_calibration_data, **common
+        )
+        return factorize(
+            model, rank=4, method="learned", calibration_data=calibration, distillation=config
+        ).get_weights()
+
+    joined = learned(data, True)
+    both = learned(np.concatenate([calibration, data]), False)
+    alone = learned(data, False)
+    for a, b in zip(joined, both):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(a, b) for a, b in zip(joined, alone))

@@ -200,7 +200,8 @@ def test_learned_never_returns_worse_than_its_start_on_held_out_data():
     wrecked = factorize(
         model,
         method="learned",
-        distillation=DistillationConfig(data=x, epochs=2, learning_rate=5.0),
+        # refit=False: the start is then the whitened factors.
+        distillation=DistillationConfig(data=x, epochs=2, learning_rate=5.0, refit=False),
         **kwargs,
     )
     expected = _np(model(held_out))
@@ -248,7 +249,9 @@ def test_blockwise_distillation_is_undone_when_it_hurts_held_out_data():
     x, held_out = _inputs(128, 24, seed=0), _inputs(128, 24, seed=1)
     kwargs = dict(rank=3, calibration_data=held_out)
     start = factorize(model, method="whitened", **kwargs)
-    config = DistillationConfig(data=x, epochs=0, block_epochs=2, learning_rate=5.0)
+    config = DistillationConfig(
+        data=x, epochs=0, block_epochs=2, learning_rate=5.0, refit=False
+    )
     wrecked = factorize(model, method="learned", distillation=config, **kwargs)
     for a, b in zip(start.get_weights(), wrecked.get_weights()):
         np.testing.assert_allclose(a, b)

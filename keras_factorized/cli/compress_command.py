@@ -70,6 +70,7 @@ DISTILLATION_FLAGS = {
     "batch_size": None,  # --batch-size
     "outputs": ("--distillation-outputs", dict(type=_common.key_list, metavar="KEY,...")),
     "loss": ("--distillation-loss", dict(metavar="LOSS")),
+    "block_weight": ("--block-weight", dict(type=_common.non_negative_float, metavar="W")),
     "trainable": ("--distillation-trainable", {}),  # choices and help: _add_method_flags
     "seed": None,  # --seed
     "time_budget": ("--time-budget", dict(type=_common.positive_float, metavar="SECONDS")),
@@ -77,6 +78,9 @@ DISTILLATION_FLAGS = {
         "--validation-split", dict(type=_common.split_fraction, metavar="FRACTION")
     ),
     "refit": ("--distillation-refit", dict(action=argparse.BooleanOptionalAction)),
+    "use_calibration_data": (
+        "--distil-on-calibration", dict(action=argparse.BooleanOptionalAction)
+    ),
     "validation_data": (
         "--validation-data",
         dict(metavar="DATA", help="held-out model inputs to keep the best factors on, a .npy "

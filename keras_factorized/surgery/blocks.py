@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import to_numpy
+from keras_factorized.surgery.calibration import wrapped_calls
 
 
 def block_path(target_path) -> tuple:
@@ -77,6 +78,34 @@ def capture_calls(layers, keep_outputs=False):
     finally:
         for layer in patched:
             del layer.call
+
+
+@contextlib.contextmanager
+def tapped_outputs(layers):
+    """Within the block, the outputs of every call of `layers`, as tensors.
+
+    Unlike `capture_calls`, nothing is converted: the tapped outputs may be
+    returned from inside a traced function (a train step), so that a loss
+    can be put on them.
+
+    Yields:
+        A dict `id(layer) -> list` of the outputs of its calls.
+    """
+    taps = {id(layer): [] for layer in layers}
+
+    def tap(layer):
+        def wrap(original_call):
+            def call(*args, **kwargs):
+                output = original_call(*args, **kwargs)
+                taps[id(layer)].append(output)
+                return output
+
+            return call
+
+        return wrap
+
+    with wrapped_calls([(layer, tap(layer)) for layer in layers]):
+        yield taps
 
 
 def run_block(block, record, inputs=None):

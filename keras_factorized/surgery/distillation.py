@@ -3,8 +3,10 @@
 The factor layers of the new model (the *student*) are trained by Adam so
 that its outputs reproduce those of the original model (the *teacher*) on
 unlabelled inputs; every other layer is frozen unless
-`DistillationConfig(trainable="all")`. The teacher's outputs are computed
-once, before training. `split_held_out` sets aside the held-out inputs on
+`DistillationConfig(trainable="all")`. With `block_weight`, the outputs of
+the blocks holding the factors (each Transformer block's hidden states) are
+reproduced too, tapped inside the train step (`blocks.tapped_outputs`). The
+teacher's outputs are computed once, before training. `split_held_out` sets aside the held-out inputs on
 which the best factors are kept: they must be new to the start, or its
 closed-form fit to them makes every training step look like a loss.
 """
@@ -17,6 +19,7 @@ import time
 import keras
 import numpy as np
 
+from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import batches
 from keras_factorized.surgery.calibration import to_numpy
@@ -33,15 +36,32 @@ def select_outputs(outputs, selection):
 
 
 class _Distiller(keras.Model):
-    """The student's selected outputs, as a model that `train_on_batch` can train."""
+    """The student's selected outputs, then the outputs of `blocks` (layers of
+    the student), as a model that `train_on_batch` can train."""
 
-    def __init__(self, student, selection, **kwargs):
+    def __init__(self, student, selection, blocks=(), **kwargs):
         super().__init__(**kwargs)
         self.student = student
         self.selection = selection
+        self.blocks = list(blocks)
 
     def call(self, inputs):
-        return select_outputs(self.student(inputs, training=False), self.selection)
+        outputs, block_outputs = run_tapped(self.student, inputs, self.selection, self.blocks)
+        return outputs + block_outputs
+
+
+def run_tapped(model, inputs, selection, blocks):
+    """`(outputs, block_outputs)`: `model`'s selected outputs on `inputs`,
+    and the floating-point outputs of every call of each of `blocks`."""
+    with blocks_lib.tapped_outputs(blocks) as taps:
+        outputs = select_outputs(model(inputs, training=False), selection)
+    block_outputs = [
+        x
+        for block in blocks
+        for x in keras.tree.flatten(taps[id(block)])
+        if "float" in keras.backend.standardize_dtype(x.dtype)
+    ]
+    return outputs, block_outputs
 
 
 @contextlib.contextmanager
@@ -104,10 +124,22 @@ def _mean_loss(distiller, inputs, targets):
     )
 
 
-def _teacher_outputs(teacher, inputs, selection):
-    return [
-        [to_numpy(y) for y in select_outputs(teacher(x, training=False), selection)] for x in inputs
-    ]
+def _teacher_outputs(teacher, inputs, selection, blocks=()):
+    """`(targets, n)`: per batch, the outputs then the block outputs of
+    `teacher` as NumPy arrays; `n` block outputs per batch."""
+    targets, n = [], 0
+    for x in inputs:
+        outputs, block_outputs = run_tapped(teacher, x, selection, blocks)
+        targets.append([to_numpy(y) for y in outputs + block_outputs])
+        n = len(block_outputs)
+    return targets, n
+
+
+def _loss_weights(config, targets, n_blocks):
+    """Weight 1 for each selected output; `config.block_weight` shared by the
+    block outputs (the last `n_blocks` of `targets`)."""
+    n = len(targets) - n_blocks
+    return [1.0] * n + [config.block_weight / n_blocks] * n_blocks
 
 
 def split_held_out(data, config):
@@ -168,16 +200,18 @@ class _Batches(list):
 def held_out_loss(student, teacher, config, data) -> float:
     """The distillation loss of `student` to `teacher` on `data` (no training)."""
     inputs = list(batches(data, config.batch_size))
-    targets = _teacher_outputs(teacher, inputs, config.outputs)
+    targets, _ = _teacher_outputs(teacher, inputs, config.outputs)
     distiller = _Distiller(student, config.outputs, name="distiller")
     distiller.compile(loss=output_losses(config.loss, targets[0]))
     return _mean_loss(distiller, inputs, targets)
 
 
-def distill(student, teacher, config, layers, data, verbose=0, validation=None):
+def distill(student, teacher, config, layers, data, verbose=0, validation=None, block_paths=()):
     """Trains `layers` of `student` to reproduce `teacher`'s outputs on `data`.
 
-    With `validation` data, the loss on it is measured before training and
+    With `config.block_weight`, the outputs of the blocks at `block_paths`
+    are reproduced too (the loss on them weighted by it). With `validation`
+    data, the loss on the model outputs there is measured before training and
     after each epoch, and `layers` end with the weights of the best of these
     points: distillation never returns factors worse, on that data, than
     those it started from.
@@ -190,46 +224,62 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None):
         data: the model inputs (`config.data` or the calibration data).
         verbose: 1 shows a progress bar.
         validation: held-out model inputs, or `None`.
+        block_paths: paths of the blocks (in both models) whose outputs are
+            reproduced as well.
 
     Returns:
         `(history, held_out)`: the mean training loss of each epoch, and the
         held-out loss before training and after each epoch (empty without
         `validation`).
     """
+    block_paths = list(block_paths) if config.block_weight else []
     inputs = list(batches(data, config.batch_size, name="distillation_data"))
-    targets = _teacher_outputs(teacher, inputs, config.outputs)
+    teacher_blocks = [walk.navigate(teacher, p) for p in block_paths]
+    targets, n_blocks = _teacher_outputs(teacher, inputs, config.outputs, teacher_blocks)
     held_inputs = list(batches(validation, config.batch_size)) if validation is not None else []
-    held_targets = _teacher_outputs(teacher, held_inputs, config.outputs)
-    history, held_out = [], []
+    held_targets, _ = _teacher_outputs(teacher, held_inputs, config.outputs)
     with only_trainable(student, layers, config.trainable == "all"):
-        distiller = _Distiller(student, config.outputs, name="distiller")
+        blocks = [walk.navigate(student, p) for p in block_paths]
+        distiller = _Distiller(student, config.outputs, blocks, name="distiller")
         distiller.compile(
             optimizer=_optimizer(config.learning_rate, max(1, config.epochs * len(inputs))),
             loss=output_losses(config.loss, targets[0]),
+            loss_weights=_loss_weights(config, targets[0], n_blocks) if n_blocks else None,
         )
-        trained = distiller.trainable_weights
+        held = None
         if held_inputs:
-            held_out.append(_mean_loss(distiller, held_inputs, held_targets))
-            best = [np.array(to_numpy(v)) for v in trained]
-        progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
-        rng = np.random.default_rng(config.seed)
-        deadline = Deadline(config.time_budget)
-        for _ in range(config.epochs):
-            losses = []
-            for i in rng.permutation(len(inputs)):
-                loss = float(np.ravel(distiller.train_on_batch(inputs[i], targets[i]))[0])
-                losses.append(loss)
-                progbar.add(1, [("loss", loss)])
-                if deadline.expired():
-                    break
-            history.append(float(np.mean(losses)))
-            if held_inputs:
-                held_out.append(_mean_loss(distiller, held_inputs, held_targets))
-                if held_out[-1] <= min(held_out[:-1]):
-                    best = [np.array(to_numpy(v)) for v in trained]
+            held = _Distiller(student, config.outputs, name="held_out")
+            held.compile(loss=output_losses(config.loss, held_targets[0]))
+            held = (held, held_inputs, held_targets)
+        return _train(distiller, inputs, targets, config, held, verbose)
+
+
+def _train(distiller, inputs, targets, config, held, verbose):
+    """The epochs of `distill`; `held` is `(evaluator, inputs, targets)` or `None`."""
+    history, held_out = [], []
+    trained = distiller.trainable_weights
+    if held is not None:
+        held_out.append(_mean_loss(*held))
+        best = [np.array(to_numpy(v)) for v in trained]
+    progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
+    rng = np.random.default_rng(config.seed)
+    deadline = Deadline(config.time_budget)
+    for _ in range(config.epochs):
+        losses = []
+        for i in rng.permutation(len(inputs)):
+            loss = float(np.ravel(distiller.train_on_batch(inputs[i], targets[i]))[0])
+            losses.append(loss)
+            progbar.add(1, [("loss", loss)])
             if deadline.expired():
                 break
-        if held_inputs:
-            for variable, value in zip(trained, best):
-                variable.assign(value)
+        history.append(float(np.mean(losses)))
+        if held is not None:
+            held_out.append(_mean_loss(*held))
+            if held_out[-1] <= min(held_out[:-1]):
+                best = [np.array(to_numpy(v)) for v in trained]
+        if deadline.expired():
+            break
+    if held is not None:
+        for variable, value in zip(trained, best):
+            variable.assign(value)
     return history, held_out

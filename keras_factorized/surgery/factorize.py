@@ -61,6 +61,7 @@ import numpy as np
 
 from keras_factorized import data_aware
 from keras_factorized.decomposition import check_rank_arguments
+from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import blockwise
 from keras_factorized.surgery import calibration
 from keras_factorized.surgery import config as config_lib
@@ -275,6 +276,8 @@ def _refine(call, new_model, targets, report, verbose):
                 "sequential refit on the calibration and distillation data",
                 new_model, call.model, targets, distillation, held_out, report,
             )
+        if distillation.use_calibration_data and distillation.data is not None and data is not None:
+            train = distillation_lib.joined_batches([data, train], distillation.batch_size)
         _learn(new_model, call.model, targets, report, distillation, train, held_out, verbose)
         if probe is not None:
             report.output_errors["distilled"] = probe(new_model)
@@ -348,12 +351,19 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
     if distillation.epochs == 0:
         _refresh_rows(new_model, targets, report, "learned")
         return
+    block_paths = dict.fromkeys(blocks_lib.block_path(t.path) for t in factorized)
     history, held_losses = distillation_lib.distill(
-        new_model, model, distillation, layers, data, verbose, held_out[0]
+        new_model, model, distillation, layers, data, verbose, held_out[0], block_paths
+    )
+    blocks = (
+        f" and to the outputs of {len(block_paths)} block{'s' * (len(block_paths) > 1)} "
+        f"with weight {distillation.block_weight:g}"
+        if distillation.block_weight
+        else ""
     )
     report.notes.append(
-        f"distillation loss ({_loss_label(distillation, model)} to the original outputs) per epoch: "
-        + ", ".join(f"{h:.4g}" for h in history)
+        f"distillation loss ({_loss_label(distillation, model)} to the original outputs{blocks}) "
+        "per epoch: " + ", ".join(f"{h:.4g}" for h in history)
     )
     if held_losses:
         best = int(np.argmin(held_losses))

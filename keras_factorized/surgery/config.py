@@ -141,7 +141,7 @@ class DistillationConfig:
     """
 
     data: Any = None
-    epochs: int = 8
+    epochs: int = 12
     block_epochs: int = 0
     learning_rate: float = 2e-4
     batch_size: int = 16

@@ -27,7 +27,6 @@ This module knows nothing of layers or models. It works on matrices `W`
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -36,6 +35,7 @@ import scipy.linalg
 
 from keras_factorized.decomposition import split_singular_values
 from keras_factorized.validation import invalid_value
+from keras_factorized.validation import is_real
 
 
 class ActivationStatistics:
@@ -127,7 +127,7 @@ def whitening_factor(scatter: np.ndarray, damping: float = 0.01) -> np.ndarray:
     floored at `damping * mean(diag)` and at `1e-10` of the largest, so the
     root is always invertible (SVD-LLM v2, COALA: no Cholesky failure).
     """
-    if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or damping < 0:
+    if not is_real(damping) or damping < 0:
         raise invalid_value("damping", "a number >= 0", damping)
     scatter = np.asarray(scatter, dtype=np.float64)
     diag_mean = float(np.mean(np.diag(scatter)))
@@ -287,7 +287,7 @@ def frequency_weighted_svd(table, counts: TokenCounts | np.ndarray, *, damping: 
         raise invalid_value(
             "counts", f"{e.shape[0]} counts >= 0 (one per row of the table)", f"shape {c.shape}"
         )
-    if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or damping < 0:
+    if not is_real(damping) or damping < 0:
         raise invalid_value("damping", "a number >= 0", damping)
     mean = float(c.mean())
     weights = np.sqrt(c + (damping * mean if mean > 0 else 1.0))

@@ -41,6 +41,17 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def is_real(value) -> bool:
+    """A real number that is not a boolean (NumPy numbers included).
+
+    Example:
+
+    >>> is_real(np.float32(0.5)), is_real(True), is_real("1")
+    (True, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive_int(name: str, value) -> int:
     """`value` as an `int` if it is an integer >= 1, else a `ValueError`.
 

@@ -55,14 +55,12 @@ def capture_calls(layers, keep_outputs=False):
         call, NumPy arrays (`output` is `None` unless `keep_outputs`).
     """
     records = {id(layer): [] for layer in layers}
-    patched = []
-    try:
-        for layer in layers:
-            original_call, layer_records = layer.call, records[id(layer)]
 
-            def call(inputs, *args, _call=original_call, _records=layer_records, **kwargs):
-                output = _call(inputs, *args, **kwargs)
-                _records.append(
+    def recorder(layer):
+        def wrap(original_call):
+            def call(inputs, *args, **kwargs):
+                output = original_call(inputs, *args, **kwargs)
+                records[id(layer)].append(
                     (
                         to_numpy(inputs),
                         _to_numpy_tree(args),
@@ -72,12 +70,12 @@ def capture_calls(layers, keep_outputs=False):
                 )
                 return output
 
-            layer.call = call
-            patched.append(layer)
+            return call
+
+        return wrap
+
+    with wrapped_calls([(layer, recorder(layer)) for layer in layers]):
         yield records
-    finally:
-        for layer in patched:
-            del layer.call
 
 
 @contextlib.contextmanager

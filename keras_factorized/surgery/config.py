@@ -11,13 +11,13 @@ turns them into the config objects.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 from keras_factorized.validation import invalid_type
 from keras_factorized.validation import invalid_value
 from keras_factorized.validation import is_integer
+from keras_factorized.validation import is_real
 
 DISTILLATION_TRAINABLE = ("factors", "all")
 
@@ -57,11 +57,7 @@ class WhitenedConfig:
     residual: bool = True
 
     def __post_init__(self):
-        if (
-            not isinstance(self.damping, numbers.Real)
-            or isinstance(self.damping, bool)
-            or self.damping < 0
-        ):
+        if not is_real(self.damping) or self.damping < 0:
             raise invalid_value("damping", "a number >= 0", self.damping)
         for name in ("bias_correction", "sequential", "residual"):
             if not isinstance(getattr(self, name), bool):
@@ -161,36 +157,22 @@ class DistillationConfig:
             value = getattr(self, name)
             if not is_integer(value) or value < low:
                 raise invalid_value(name, f"an integer >= {low}", value)
-        if (
-            not isinstance(self.learning_rate, numbers.Real)
-            or isinstance(self.learning_rate, bool)
-            or not self.learning_rate > 0
-        ):
+        if not is_real(self.learning_rate) or not self.learning_rate > 0:
             raise invalid_value("learning_rate", "a number > 0", self.learning_rate)
         if self.trainable not in DISTILLATION_TRAINABLE:
             raise invalid_value("trainable", f"one of {DISTILLATION_TRAINABLE}", self.trainable)
         if not is_integer(self.seed):
             raise invalid_value("seed", "an integer", self.seed)
         if self.time_budget is not None and (
-            not isinstance(self.time_budget, numbers.Real)
-            or isinstance(self.time_budget, bool)
-            or not self.time_budget > 0
+            not is_real(self.time_budget) or not self.time_budget > 0
         ):
             raise invalid_value("time_budget", "a number of seconds > 0, or None", self.time_budget)
-        if (
-            not isinstance(self.block_weight, numbers.Real)
-            or isinstance(self.block_weight, bool)
-            or not self.block_weight >= 0
-        ):
+        if not is_real(self.block_weight) or not self.block_weight >= 0:
             raise invalid_value("block_weight", "a number >= 0", self.block_weight)
         for name in ("refit", "use_calibration_data"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_type(name, "a boolean", getattr(self, name))
-        if (
-            not isinstance(self.validation_split, numbers.Real)
-            or isinstance(self.validation_split, bool)
-            or not 0 <= self.validation_split < 1
-        ):
+        if not is_real(self.validation_split) or not 0 <= self.validation_split < 1:
             raise invalid_value("validation_split", "a number in [0, 1)", self.validation_split)
 
 

@@ -6,9 +6,10 @@ unlabelled inputs; every other layer is frozen unless
 `DistillationConfig(trainable="all")`. With `block_weight`, the outputs of
 the blocks holding the factors (each Transformer block's hidden states) are
 reproduced too, tapped inside the train step (`blocks.tapped_outputs`). The
-teacher's outputs are computed once, before training. `split_held_out` sets aside the held-out inputs on
-which the best factors are kept: they must be new to the start, or its
-closed-form fit to them makes every training step look like a loss.
+teacher's outputs are computed once, before training. `split_held_out` sets
+aside the held-out inputs on which the best factors are kept: they must be
+new to the start, or its closed-form fit to them makes every training step
+look like a loss.
 """
 
 from __future__ import annotations
@@ -197,13 +198,21 @@ class _Batches(list):
         return iter(self)
 
 
+def _evaluation(student, teacher, config, inputs):
+    """`(distiller, inputs, targets)` measuring the loss of `student`'s
+    outputs to `teacher`'s on the batches `inputs`
+    (`_mean_loss(*evaluation)`); the teacher's outputs are computed once,
+    here."""
+    targets, _ = _teacher_outputs(teacher, inputs, config.outputs)
+    distiller = _Distiller(student, config.outputs, name="held_out")
+    distiller.compile(loss=output_losses(config.loss, targets[0]))
+    return distiller, inputs, targets
+
+
 def held_out_loss(student, teacher, config, data) -> float:
     """The distillation loss of `student` to `teacher` on `data` (no training)."""
     inputs = list(batches(data, config.batch_size))
-    targets, _ = _teacher_outputs(teacher, inputs, config.outputs)
-    distiller = _Distiller(student, config.outputs, name="distiller")
-    distiller.compile(loss=output_losses(config.loss, targets[0]))
-    return _mean_loss(distiller, inputs, targets)
+    return _mean_loss(*_evaluation(student, teacher, config, inputs))
 
 
 def distill(student, teacher, config, layers, data, verbose=0, validation=None, block_paths=()):
@@ -237,7 +246,6 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
     teacher_blocks = [walk.navigate(teacher, p) for p in block_paths]
     targets, n_blocks = _teacher_outputs(teacher, inputs, config.outputs, teacher_blocks)
     held_inputs = list(batches(validation, config.batch_size)) if validation is not None else []
-    held_targets, _ = _teacher_outputs(teacher, held_inputs, config.outputs)
     with only_trainable(student, layers, config.trainable == "all"):
         blocks = [walk.navigate(student, p) for p in block_paths]
         distiller = _Distiller(student, config.outputs, blocks, name="distiller")
@@ -246,11 +254,7 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
             loss=output_losses(config.loss, targets[0]),
             loss_weights=_loss_weights(config, targets[0], n_blocks) if n_blocks else None,
         )
-        held = None
-        if held_inputs:
-            held = _Distiller(student, config.outputs, name="held_out")
-            held.compile(loss=output_losses(config.loss, held_targets[0]))
-            held = (held, held_inputs, held_targets)
+        held = _evaluation(student, teacher, config, held_inputs) if held_inputs else None
         return _train(distiller, inputs, targets, config, held, verbose)
 
 

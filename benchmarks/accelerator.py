@@ -20,6 +20,7 @@ are not measured.
     KERAS_BACKEND=jax python -m benchmarks.accelerator
     python -m benchmarks.accelerator --data aclImdb_v1.tar.gz
     python -m benchmarks.accelerator --tiny --no-write   # seconds, on CPU
+    python -m benchmarks.accelerator --render out/accelerator.json  # from a saved run
 """
 
 from __future__ import annotations
@@ -126,7 +127,14 @@ def load_imdb_ids(path, reviews, vocab, length, seed=0) -> dict:
 
 
 def step_seconds(model, x, y, steps: int) -> float:
-    """Median seconds of `train_on_batch` after two warm-up steps."""
+    """Median seconds of `train_on_batch` after two warm-up steps.
+
+    The batch is put on the device once, so that the step is timed without
+    copying it there each time.
+    """
+    import keras
+
+    x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
     for _ in range(2):
         model.train_on_batch(x, y)
     times = []
@@ -166,13 +174,13 @@ def imdb_rows(data, policy, size, batch=64, seed=0) -> list[dict]:
     return rows
 
 
-def dense_rows(policy, size, batch=256, seed=0) -> list[dict]:
+def dense_rows(policy, size, seed=0) -> list[dict]:
     """Two m x m layers, `Dense` against `LowRankDense(rank=m/8)`."""
     import keras
 
     from keras_factorized import LowRankDense
 
-    m = size["dense"]
+    m, batch = size["dense"], size.get("dense_batch", 256)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, m)).astype("float32")
     y = rng.standard_normal((batch, m)).astype("float32")
@@ -213,19 +221,38 @@ def vocab_rows(policy, size) -> list[dict]:
     return rows
 
 
-def measure(size, data_path=None, policies=POLICIES, verbose=True) -> list[dict]:
+def with_speedups(rows) -> list[dict]:
+    """`rows`, each with its speed against the full layer under the same policy."""
+    base = {(r["what"], r["policy"]): r["step_seconds"] for r in rows
+            if r["model"] in ("Embedding", "Dense")}
+    return [{**r, "speedup": base[(r["what"], r["policy"])] / r["step_seconds"]}
+            for r in rows if (r["what"], r["policy"]) in base]
+
+
+PARTS = ("imdb", "dense", "vocab")
+
+
+def measure(size, data_path=None, policies=POLICIES, verbose=True,
+            on_rows=None, parts=PARTS) -> list[dict]:
+    """The rows of `parts` (of `PARTS`) under every policy.
+
+    `on_rows(rows)`, when given, is called with the rows so far after each
+    part, so that a run cut short by a time limit still leaves its figures.
+    """
     import keras
 
-    data = load_imdb_ids(data_path, size["reviews"], size["vocab"], size["length"])
+    data = (load_imdb_ids(data_path, size["reviews"], size["vocab"], size["length"])
+            if "imdb" in parts else {"source": None})
+    makers = {"imdb": lambda p: imdb_rows(data, p, size),
+              "dense": lambda p: dense_rows(p, size),
+              "vocab": lambda p: vocab_rows(p, size)}
     rows = []
     previous = keras.config.dtype_policy()
     try:
         for policy in policies:
             keras.config.set_dtype_policy(policy)
-            for part in (lambda p=policy: imdb_rows(data, p, size),
-                         lambda p=policy: dense_rows(p, size),
-                         lambda p=policy: vocab_rows(p, size)):
-                new = part()
+            for part in parts:
+                new = makers[part](policy)
                 for row in new:
                     row["data"] = data["source"] if row["what"] == "IMDB LSTM" else None
                     if verbose:
@@ -234,64 +261,127 @@ def measure(size, data_path=None, policies=POLICIES, verbose=True) -> list[dict]
                               + (f", accuracy {row['test_accuracy']:.3f}"
                                  if "test_accuracy" in row else ""), flush=True)
                 rows += new
+                if on_rows is not None:
+                    on_rows(with_speedups(rows))
     finally:
         keras.config.set_dtype_policy(previous)
-    # Speed against the row's full baseline under the same policy.
-    base = {(r["what"], r["policy"]): r["step_seconds"] for r in rows
-            if r["model"] in ("Embedding", "Dense")}
-    for r in rows:
-        r["speedup"] = base[(r["what"], r["policy"])] / r["step_seconds"]
-    return rows
+    return with_speedups(rows)
 
 
-def markdown(rows, device, command, size_name) -> str:
-    measured_on_gpu = device["platform"] in ("gpu", "tpu")
-    note = (f"Measured on {device['device']} ({device['platform']})."
-            if measured_on_gpu else
-            "**GPU figures not measured**: no accelerator was available, so this run "
-            f"was on CPU ({device['device']}); its figures say nothing about a GPU. "
-            "Run the command on a GPU machine to fill this section.")
-    table = markdown_table(
-        ["what", "policy", "model", "step", "speedup", "test accuracy"],
-        [[r["what"], r["policy"], r["model"], f"{r['step_seconds'] * 1e3:.1f} ms",
-          f"{r['speedup']:.2f}x",
-          f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else ""] for r in rows])
-    data = next((r["data"] for r in rows if r.get("data")), "none")
-    return "\n".join([
-        "## Accelerators: float32 against `mixed_float16`",
-        "",
-        f"Command: `{command}`  ",
-        f"Backend: {device['backend']}; sizes: `{size_name}`; IMDB data: {data}",
-        "",
-        note,
-        "",
-        "Median training step (`train_on_batch`) and, for the IMDB LSTM, test "
-        "accuracy after training; speedup against the full layer (`Embedding`, "
-        "`Dense`) under the same policy.",
-        "",
-        table,
-    ])
+DATA = {"path": "the archive given with `--data`", "cache": "the full dataset (Keras cache)",
+        "download": "the full dataset (downloaded)",
+        "sample": "the embedded sample (1,000 reviews per split)"}
+
+
+def markdown(results) -> str:
+    """The section for one or more runs' results (each `run`'s JSON)."""
+    lines = ["## Accelerators: float32 against `mixed_float16`", ""]
+    for result in results:
+        rows, device = result["rows"], result["device"]
+        data = next((r["data"] for r in rows if r.get("data")), None)
+        lines += [f"Command: `{result['command']}`  ",
+                  f"Backend: {device['backend']}; sizes: `{result['size']}`"
+                  + (f"; IMDB data: {DATA.get(data, data)}" if data else ""),
+                  ""]
+        if result.get("note"):
+            lines += [result["note"], ""]
+        if not result.get("complete", True):
+            lines += ["This run stopped before its last part; the rows below are "
+                      "those it measured.", ""]
+        lines += [f"Measured on {device['device']} ({device['platform']})."
+                  if device["platform"] in ("gpu", "tpu") else
+                  "**GPU figures not measured**: no accelerator was available, so this "
+                  f"run was on CPU ({device['device']}); its figures say nothing about a "
+                  "GPU. Run the command on a GPU machine to fill this section.", "",
+                  markdown_table(
+                      ["what", "policy", "model", "step", "speedup", "test accuracy"],
+                      [[r["what"], r["policy"], r["model"],
+                        f"{r['step_seconds'] * 1e3:.1f} ms", f"{r['speedup']:.2f}x",
+                        f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else ""]
+                       for r in rows]),
+                  ""]
+    lines += ["Median training step (`train_on_batch`) and, for the IMDB LSTM, test "
+              "accuracy after training; speedup against the full layer (`Embedding`, "
+              "`Dense`) under the same policy and run."]
+    return "\n".join(lines)
 
 
 def run(size_name="full", data_path=None, write=True, json_path=None, command=None,
-        verbose=True) -> dict:
-    """Runs the benchmark; returns its rows and writes its section and JSON."""
-    size = SIZES[size_name]
+        verbose=True, parts=PARTS, dense=None, dense_batch=None) -> dict:
+    """Runs the benchmark; returns its rows and writes its section and JSON.
+
+    `dense` and `dense_batch` replace the size's `LowRankDense` layer width
+    and batch (large ones make a GPU step compute-bound).
+    """
+    size = dict(SIZES[size_name])
+    size.update({k: v for k, v in (("dense", dense), ("dense_batch", dense_batch))
+                 if v is not None})
     device = accelerator()
     if verbose:
         print(f"accelerator: {device}", flush=True)
-    rows = measure(size, data_path, verbose=verbose)
     command = command or "python -m benchmarks.accelerator" + (
         f" --{size_name}" if size_name != "full" else "")
-    text = markdown(rows, device, command, size_name)
-    result = {"device": device, "size": size_name, "rows": rows}
     if write:
-        update_section("accelerator", text)
         json_path = json_path or os.path.join(OUT_DIR, "accelerator.json")
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+
+    def result_of(rows, complete):
+        return {"device": device, "size": size_name, "command": command,
+                "complete": complete, "rows": rows}
+
+    def save_partial(rows):
+        if json_path:
+            write_json(json_path, result_of(rows, False))
+
+    rows = measure(size, data_path, verbose=verbose, on_rows=save_partial, parts=parts)
+    result = result_of(rows, True)
+    text = markdown([result])
+    if write:
+        update_section("accelerator", text)
+    if json_path:
         write_json(json_path, result)
     return {**result, "markdown": text}
+
+
+def render(json_paths, write=True) -> str:
+    """The section from saved runs (made on a GPU machine, say), in order.
+
+    A run cut short (`"complete": false`) is rendered with the rows it
+    measured, and the section says so.
+    """
+    import json
+
+    results = []
+    for path in json_paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    text = markdown(results)
+    if write:
+        update_section("accelerator", text)
+    return text
+
+
+def command_line(args) -> str:
+    """The command that `args` stand for, as the section names it."""
+    words = ["python -m benchmarks.accelerator"]
+    words += ["--tiny"] if args.tiny else ["--quick"] if args.quick else []
+    if args.data:
+        words.append(f"--data {os.path.basename(os.path.normpath(args.data))}")
+    if tuple(args.only) != PARTS:
+        words.append("--only " + ",".join(args.only))
+    words += [f"--{name.replace('_', '-')} {getattr(args, name)}"
+              for name in ("dense", "dense_batch") if getattr(args, name) is not None]
+    return " ".join(words)
+
+
+def parts_argument(text) -> tuple:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(PARTS)}; received {text!r}")
+    return parts
 
 
 def main(argv=None) -> int:
@@ -305,12 +395,27 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None,
                         help="aclImdb_v1.tar.gz or an aclImdb/ folder (default: the "
                              "cached full dataset, else the embedded sample)")
+    parser.add_argument("--only", type=parts_argument, default=PARTS,
+                        help=f"comma-separated parts to measure (default: {','.join(PARTS)})")
+    parser.add_argument("--dense", type=int, default=None,
+                        help="width m of the m x m layers (default: the size's)")
+    parser.add_argument("--dense-batch", type=int, default=None,
+                        help="batch of the m x m layers (default: 256)")
     parser.add_argument("--no-write", action="store_true",
                         help="print the section instead of writing BENCHMARKS.md")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                        help="measure nothing: write the section from saved runs' JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        text = render(args.render, write=not args.no_write)
+        if args.no_write:
+            print(text)
+        return 0
     size_name = "tiny" if args.tiny else "quick" if args.quick else "full"
-    result = run(size_name, args.data, write=not args.no_write, json_path=args.json)
+    result = run(size_name, args.data, write=not args.no_write, json_path=args.json,
+                 command=command_line(args), parts=args.only, dense=args.dense,
+                 dense_batch=args.dense_batch)
     if args.no_write:
         print(result["markdown"])
     return 0

@@ -217,3 +217,26 @@ def test_accelerator_tokenizer_reserves_padding_and_oov():
     ids = vectorize(["a a b", "b c"], {"x": ["a b zzz", "c<br />c"]}, vocab=4, length=4)
     # 0 pads, 1 is out of vocabulary, then the most frequent words: "a", "b".
     assert ids["x"].tolist() == [[2, 3, 1, 0], [1, 1, 0, 0]]
+
+
+def test_accelerator_renders_saved_runs_with_their_notes(tmp_path):
+    from benchmarks import accelerator
+
+    row = {"what": "8 x 8 layers", "policy": "float32", "model": "Dense",
+           "step_seconds": 0.002, "speedup": 1.0}
+    gpu = {"device": {"backend": "jax", "platform": "gpu", "device": "H100"},
+           "size": "full", "command": "c1", "complete": False, "rows": [row],
+           "note": "Timed with the batch copied."}
+    cpu = {**gpu, "device": {"backend": "jax", "platform": "cpu", "device": "cpu"},
+           "command": "c2", "complete": True, "note": None}
+    paths = []
+    for name, result in (("gpu.json", gpu), ("cpu.json", cpu)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(result))
+    text = accelerator.render([str(p) for p in paths], write=False)
+    assert text.index("`c1`") < text.index("Measured on H100") < text.index("`c2`")
+    assert text.count("Timed with the batch copied.") == 1
+    assert text.count("stopped before its last part") == 1
+    assert "GPU figures not measured" in text.split("`c2`")[1]
+    with pytest.raises(SystemExit):
+        accelerator.main(["--only", "imdb,gpu"])

@@ -10,8 +10,9 @@ correct the errors of earlier ones (SVD-LLM, Dobi-SVD). Layers that read the
 same input (Q, K and V) are refitted together.
 
 Cost: one run of the original and of the compressed model over the
-calibration data, then a few runs of each block (one per group of layers
-reading the same input, plus one for its output).
+calibration data, then a few runs of each block: one of the original, one
+of the compressed block per group of layers reading the same input, and one
+for its output.
 """
 
 from __future__ import annotations
@@ -75,15 +76,23 @@ def sequential_update(
         )
 
 
-def _layer_inputs(block, layers, calls):
-    """Per layer, its input rows of each recorded block call (first call only)."""
+def _recorded_inputs(block, layers, sources, calls):
+    """`(per_layer, per_source)`, from one run of `block` per recorded call:
+    each layer's input rows (first call of the layer) and, per source path,
+    the input of the layer there (`()`: the block's input)."""
+    source_layers = {p: walk.navigate(block, p) for p in sources if p}
+    captured = list({id(x): x for x in [*layers, *source_layers.values()]}.values())
     per_layer = {id(layer): [] for layer in layers}
+    per_source = {p: [] for p in sources}
     for call in calls:
-        with blocks_lib.capture_calls(layers) as records:
-            blocks_lib.run_block(block, call)
+        if captured:
+            with blocks_lib.capture_calls(captured) as records:
+                blocks_lib.run_block(block, call)
         for layer in layers:
             per_layer[id(layer)].append(records[id(layer)][0][0])
-    return per_layer
+        for p in sources:
+            per_source[p].append(call[0] if not p else records[id(source_layers[p])][0][0])
+    return per_layer, per_source
 
 
 def _is_norm(layer) -> bool:
@@ -134,18 +143,6 @@ def residual_links(block, targets, call):
     return links
 
 
-def _source_inputs(block, sources, calls):
-    """Per source path, the recorded input of each call (`()`: the block's)."""
-    layers = {p: walk.navigate(block, p) for p in sources if p}
-    result = {p: [] for p in sources}
-    for call in calls:
-        with blocks_lib.capture_calls(list(layers.values())) as records:
-            blocks_lib.run_block(block, call)
-        for p in sources:
-            result[p].append(call[0] if not p else records[id(layers[p])][0][0])
-    return result
-
-
 def _update_block(
     teacher_block,
     teacher_calls,
@@ -158,15 +155,15 @@ def _update_block(
     progbar,
     residual=True,
 ):
-    teacher_x = _layer_inputs(teacher_block, [t.original for t in targets], teacher_calls)
     links = residual_links(teacher_block, targets, teacher_calls[0]) if residual else {}
     sources = sorted(set(links.values()))
-    teacher_r = _source_inputs(teacher_block, sources, teacher_calls)
+    teacher_x, teacher_r = _recorded_inputs(
+        teacher_block, [t.original for t in targets], sources, teacher_calls
+    )
     pending = list(targets)
     while pending:
         layers = [walk.navigate(new_model, t.path) for t in pending]
-        student_x = _layer_inputs(student_block, layers, student_calls)
-        student_r = _source_inputs(student_block, sources, student_calls)
+        student_x, student_r = _recorded_inputs(student_block, layers, sources, student_calls)
         first = student_x[id(layers[0])]
         group = [
             (t, layer)

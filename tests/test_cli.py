@@ -596,6 +596,7 @@ def test_compress_learned_options_seed_and_reports(capsys, workdir, tmp_path):
     [
         (["--report", "r.html"], "must end with .json or .md or .csv or .txt"),
         (["--distillation-epochs", "-1"], "--distillation-epochs"),
+        (["--token-noise", "1.5"], "--token-noise"),
         (["--distillation-trainable", "some"], "--distillation-trainable"),
         (["--seed", "x"], "--seed"),
         (["--seed", "-1"], "--seed"),

@@ -99,6 +99,11 @@ positive_int = number_type(int, "a positive integer", lambda v: v >= 1)
 non_negative_int = number_type(int, "an integer >= 0", lambda v: v >= 0)
 fraction = number_type(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 split_fraction = number_type(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+auto_or_probability = number_type(
+    lambda text: text if text == "auto" else float(text),
+    '"auto" or a number in [0, 1]',
+    lambda v: v == "auto" or 0 <= v <= 1,
+)
 non_negative_float = number_type(float, "a number >= 0", lambda v: v >= 0)
 positive_float = number_type(float, "a number > 0", lambda v: v > 0)
 

@@ -81,6 +81,7 @@ DISTILLATION_FLAGS = {
     "use_calibration_data": (
         "--distil-on-calibration", dict(action=argparse.BooleanOptionalAction)
     ),
+    "token_noise": ("--token-noise", dict(type=_common.auto_or_probability, metavar="RATE")),
     "validation_data": (
         "--validation-data",
         dict(metavar="DATA", help="held-out model inputs to keep the best factors on, a .npy "

@@ -129,6 +129,15 @@ class DistillationConfig:
         use_calibration_data: when `data` is given, the training passes
             also train on `factorize`'s calibration data (the held-out part
             is drawn from `data` only): more examples to generalise from.
+        token_noise: the fraction in `[0, 1]` of the tokens of each training
+            batch replaced, at every step, by tokens drawn from the batch
+            (`surgery.augmentation.replace_tokens`; inputs must hold token
+            ids: an integer array, or a dict with `"token_ids"`), with the
+            original model's outputs on the new batch as its targets: new
+            examples at every step, which generalise better from a few
+            hundred, for the cost of running the original model on them.
+            `"auto"`: 0.15 for inputs holding token ids, else 0. `0`: the
+            inputs as they are, the original's outputs computed once.
 
     Example:
 
@@ -151,6 +160,7 @@ class DistillationConfig:
     validation_data: Any = None
     refit: bool = True
     use_calibration_data: bool = True
+    token_noise: Any = "auto"
 
     def __post_init__(self):
         for name, low in (("epochs", 0), ("block_epochs", 0), ("batch_size", 1)):
@@ -172,6 +182,10 @@ class DistillationConfig:
         for name in ("refit", "use_calibration_data"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_type(name, "a boolean", getattr(self, name))
+        if not (isinstance(self.token_noise, str) and self.token_noise == "auto") and not (
+            is_real(self.token_noise) and 0 <= self.token_noise <= 1
+        ):
+            raise invalid_value("token_noise", '"auto" or a number in [0, 1]', self.token_noise)
         if not is_real(self.validation_split) or not 0 <= self.validation_split < 1:
             raise invalid_value("validation_split", "a number in [0, 1)", self.validation_split)
 

@@ -20,6 +20,7 @@ import time
 import keras
 import numpy as np
 
+from keras_factorized.surgery import augmentation
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import batches
@@ -244,7 +245,12 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
     block_paths = list(block_paths) if config.block_weight else []
     inputs = list(batches(data, config.batch_size, name="distillation_data"))
     teacher_blocks = [walk.navigate(teacher, p) for p in block_paths]
-    targets, n_blocks = _teacher_outputs(teacher, inputs, config.outputs, teacher_blocks)
+    rate = augmentation.noise_rate(config.token_noise, inputs[0])
+    # With token noise every step has new inputs: only the first batch's
+    # targets are needed here, for the losses.
+    cached = inputs[:1] if rate else inputs
+    targets, n_blocks = _teacher_outputs(teacher, cached, config.outputs, teacher_blocks)
+    noisy = _NoisyBatches(teacher, teacher_blocks, config, rate) if rate else None
     held_inputs = list(batches(validation, config.batch_size)) if validation is not None else []
     with only_trainable(student, layers, config.trainable == "all"):
         blocks = [walk.navigate(student, p) for p in block_paths]
@@ -255,11 +261,27 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
             loss_weights=_loss_weights(config, targets[0], n_blocks) if n_blocks else None,
         )
         held = _evaluation(student, teacher, config, held_inputs) if held_inputs else None
-        return _train(distiller, inputs, targets, config, held, verbose)
+        return _train(distiller, inputs, targets, config, held, verbose, noisy)
 
 
-def _train(distiller, inputs, targets, config, held, verbose):
-    """The epochs of `distill`; `held` is `(evaluator, inputs, targets)` or `None`."""
+class _NoisyBatches:
+    """`batch(x)`: `x` with a fraction `rate` of its tokens replaced
+    (`augmentation.replace_tokens`, seeded by `config.seed`) and the
+    teacher's outputs on it, computed by a compiled predict step."""
+
+    def __init__(self, teacher, teacher_blocks, config, rate):
+        self.predictor = _Distiller(teacher, config.outputs, teacher_blocks, name="teacher")
+        self.rate = rate
+        self.rng = np.random.default_rng([config.seed, 2])
+
+    def batch(self, x):
+        x = augmentation.replace_tokens(x, self.rate, self.rng)
+        return x, [np.asarray(y) for y in self.predictor.predict_on_batch(x)]
+
+
+def _train(distiller, inputs, targets, config, held, verbose, noisy=None):
+    """The epochs of `distill`; `held` is `(evaluator, inputs, targets)` or
+    `None`; `noisy` a `_NoisyBatches` or `None`."""
     history, held_out = [], []
     trained = distiller.trainable_weights
     if held is not None:
@@ -271,7 +293,8 @@ def _train(distiller, inputs, targets, config, held, verbose):
     for _ in range(config.epochs):
         losses = []
         for i in rng.permutation(len(inputs)):
-            loss = float(np.ravel(distiller.train_on_batch(inputs[i], targets[i]))[0])
+            x, y = noisy.batch(inputs[i]) if noisy else (inputs[i], targets[i])
+            loss = float(np.ravel(distiller.train_on_batch(x, y))[0])
             losses.append(loss)
             progbar.add(1, [("loss", loss)])
             if deadline.expired():

@@ -61,6 +61,7 @@ import numpy as np
 
 from keras_factorized import data_aware
 from keras_factorized.decomposition import check_rank_arguments
+from keras_factorized.surgery import augmentation
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import blockwise
 from keras_factorized.surgery import calibration
@@ -361,9 +362,12 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
         if distillation.block_weight
         else ""
     )
+    first = next(iter(calibration.batches(data, distillation.batch_size)), None)
+    rate = augmentation.noise_rate(distillation.token_noise, first) if first is not None else 0
+    noise = f"; {rate:.0%} of the tokens replaced at every step" if rate else ""
     report.notes.append(
-        f"distillation loss ({_loss_label(distillation, model)} to the original outputs{blocks}) "
-        "per epoch: " + ", ".join(f"{h:.4g}" for h in history)
+        f"distillation loss ({_loss_label(distillation, model)} to the original outputs{blocks}"
+        f"{noise}) per epoch: " + ", ".join(f"{h:.4g}" for h in history)
     )
     if held_losses:
         best = int(np.argmin(held_losses))

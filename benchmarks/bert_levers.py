@@ -55,7 +55,7 @@ from keras_factorized.datasets.imdb import balanced_sample  # noqa: E402
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bert_levers")
 
 # The distillation options before `block_weight`, `refit`,
-# `use_calibration_data`, 12 epochs and `token_noise` became the defaults,
+# `use_calibration_data`, 14 epochs and `token_noise` became the defaults,
 # spelled out so that the rows measured with them measure the same thing
 # whatever the defaults become.
 _BEFORE = dict(epochs=6, block_weight=0.0, refit=False, use_calibration_data=False,
@@ -70,7 +70,7 @@ def _learned_with(**options):
 # (projections, method, allocation, sequential, distillation options): None
 # leaves the option at `factorize`'s default; rows 0-6 are the levers one by
 # one (sequential refit without and, from row 6, with the residual
-# correction), 7 and 8 what a user gets from the defaults, 10-19 what each
+# correction), 7 and 8 what a user gets from the defaults, 10-20 what each
 # distillation option buys.
 LEVERS = [
     ("all six", "whitened", "uniform", False, None),
@@ -92,10 +92,12 @@ LEVERS = [
     _learned_with(**dict(_BEFORE, block_weight=1.0, learning_rate=1e-4)),
     _learned_with(**dict(_BEFORE, block_weight=1.0, learning_rate=5e-5)),
     # The defaults without token noise, with 8 and 12 epochs, then with more
-    # noise than the default 0.15.
+    # noise than the default 0.15, then the defaults with 12 epochs (the
+    # defaults had 12 before row 8's 14).
     _learned_with(epochs=8, token_noise=0.0),
-    _learned_with(token_noise=0.0),
-    _learned_with(token_noise=0.3),
+    _learned_with(epochs=12, token_noise=0.0),
+    _learned_with(epochs=12, token_noise=0.3),
+    _learned_with(epochs=12),
 ]
 # Levers measured before the sequential refit had its residual correction
 # (and the sensitivity allocation could keep a layer whole): their JSON files
@@ -194,14 +196,21 @@ def _training(r) -> str:
                    if options.get("block_weight") else "")
                 + (", trains on the calibration reviews too"
                    if options.get("use_calibration_data") else "")
-                + (f", token noise {options['token_noise']:g}"
-                   if options.get("token_noise") else "")
+                + (_noise(options["token_noise"]) if options.get("token_noise") else "")
             )
     else:
         text = f"{distill['block_epochs']} block-wise + {distill['epochs']} end-to-end epochs"
     if not r.get("held_out"):
         text += " (older code: best kept on the calibration reviews)"
     return text
+
+
+def _noise(token_noise) -> str:
+    if token_noise == "auto":
+        from keras_factorized.surgery.augmentation import AUTO_TOKEN_NOISE
+
+        return f', token noise "auto" ({AUTO_TOKEN_NOISE:g} on token ids)'
+    return f", token noise {token_noise:g}"
 
 
 def _sequential(r) -> str:
@@ -256,9 +265,9 @@ def render(rows) -> str:
             "option to keep a layer whole are newer than the rows measured without them "
             "(\"without residual correction\"). Row 8 was timed after the sequential refit "
             "learned to record a block's layer inputs and residual sources in one run "
-            "(the same factors, fewer runs); rows 10-19 were timed before it: row 19 does "
-            "the same work as row 8 but for its noise rate, so the change saved about "
-            "180 s of the refit.",
+            "(the same factors, fewer runs), as was row 20; rows 10-19 were timed before "
+            "it: row 19 does the same work as row 20 but for its noise rate, so the change "
+            "saved about 180 s of the refit.",
             "",
             markdown_table(
                 [

@@ -19,7 +19,7 @@ from keras_factorized.validation import invalid_value
 TOKEN_KEY = "token_ids"
 MASK_KEY = "padding_mask"
 # `DistillationConfig(token_noise="auto")` on inputs holding token ids. On
-# all-MiniLM-L6-v2 at half its projection weights (benchmarks.bert_levers):
+# all-MiniLM-L6-v2 at half its projection weights, 12 epochs (benchmarks.bert_levers):
 # 0 -> 0.9183, 0.15 -> 0.9209, 0.3 -> 0.9181.
 AUTO_TOKEN_NOISE = 0.15
 

@@ -146,7 +146,7 @@ class DistillationConfig:
     """
 
     data: Any = None
-    epochs: int = 12
+    epochs: int = 14
     block_epochs: int = 0
     learning_rate: float = 2e-4
     batch_size: int = 16

@@ -364,7 +364,11 @@ def render(json_paths, write=True) -> str:
 
 def command_line(args) -> str:
     """The command that `args` stand for, as the section names it."""
-    words = ["python -m benchmarks.accelerator"]
+    import keras
+
+    backend = keras.backend.backend()
+    words = [] if backend == "tensorflow" else [f"KERAS_BACKEND={backend}"]
+    words.append("python -m benchmarks.accelerator")
     words += ["--tiny"] if args.tiny else ["--quick"] if args.quick else []
     if args.data:
         words.append(f"--data {os.path.basename(os.path.normpath(args.data))}")

@@ -98,6 +98,12 @@ LEVERS = [
     _learned_with(epochs=12, token_noise=0.0),
     _learned_with(epochs=12, token_noise=0.3),
     _learned_with(epochs=12),
+    # The defaults with a lower and a higher peak learning rate, then with
+    # the kept layers (normalizations, embeddings, the layer kept whole)
+    # training too.
+    _learned_with(learning_rate=1e-4),
+    _learned_with(learning_rate=4e-4),
+    _learned_with(trainable="all"),
 ]
 # Levers measured before the sequential refit had its residual correction
 # (and the sensitivity allocation could keep a layer whole): their JSON files
@@ -267,7 +273,9 @@ def render(rows) -> str:
             "learned to record a block's layer inputs and residual sources in one run "
             "(the same factors, fewer runs), as was row 20; rows 10-19 were timed before "
             "it: row 19 does the same work as row 20 but for its noise rate, so the change "
-            "saved about 180 s of the refit.",
+            "saved about 180 s of the refit. Rows 21-23 (the current defaults with one "
+            "option changed) ran three side by side: their times are not comparable "
+            "with row 8's.",
             "",
             markdown_table(
                 [

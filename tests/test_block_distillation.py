@@ -39,8 +39,7 @@ def _history(block_weight):
     x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
     config = DistillationConfig(epochs=3, loss="mse", block_weight=block_weight)
     layers = [student.get_layer("d2")]
-    history, _ = distill(student, teacher, config, layers, x, block_paths=[(("layer", "d2"),)])
-    return history
+    return distill(student, teacher, config, layers, x, block_paths=[(("layer", "d2"),)]).history
 
 
 def test_block_loss_is_added_with_its_weight():

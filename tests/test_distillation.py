@@ -7,6 +7,8 @@ import pytest
 from keras_factorized import factorize
 from keras_factorized.surgery import DistillationConfig
 from keras_factorized.surgery import WhitenedConfig
+from keras_factorized.surgery.calibration import batches
+from keras_factorized.surgery.distillation import joined_batches
 from keras_factorized.surgery.distillation import split_held_out
 
 
@@ -56,10 +58,19 @@ def test_split_of_a_dataset_holds_out_whole_batches():
     config = DistillationConfig(validation_split=0.25)
     train, held_out, description = split_held_out(dataset, config)
     assert description == "2 of 8 distillation batches held out"
-    train_rows = np.concatenate(list(train.as_numpy_iterator()))
-    held_rows = np.concatenate(list(held_out.as_numpy_iterator()))
+    train_rows = np.concatenate(list(batches(train, 8)))
+    held_rows = np.concatenate(list(batches(held_out, 8)))
     assert len(held_rows) == 16 and not _rows(train_rows) & _rows(held_rows)
     assert _rows(train_rows) | _rows(held_rows) == _rows(x)
+
+
+def test_joined_batches_keep_a_two_input_batch_whole():
+    # A two-input model's batch is a tuple: only a `tf.data.Dataset`'s
+    # `(x, y)` elements are cut to `x`, never a tuple of inputs.
+    a, b = np.zeros((5, 2)), np.ones((5, 3))
+    joined = joined_batches([(a, b), (a[:2], b[:2])], 4)
+    shapes = [tuple(x.shape for x in batch) for batch in batches(joined, 4)]
+    assert shapes == [((4, 2), (4, 3)), ((1, 2), (1, 3)), ((2, 2), (2, 3))]
 
 
 def test_nothing_held_out_without_a_split_or_with_one_example():

@@ -22,10 +22,34 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+class Batched(list):
+    """Model inputs already in batches: `batches` yields them as they are
+    (`batch_size` does not apply; a tuple batch is one multi-input batch,
+    not `(x, y)`)."""
+
+
+def is_batched(data) -> bool:
+    """Whether `data` comes in batches of its own (a `tf.data.Dataset` or
+    `Batched`) rather than as arrays that `batches` cuts."""
+    return isinstance(data, Batched) or hasattr(data, "as_numpy_iterator")
+
+
 def batches(data, batch_size, name="calibration_data"):
-    """Model inputs, batch by batch, from an array, a dict/list of arrays or a
-    `tf.data.Dataset` (of `x` or `(x, y[, sample_weight])`)."""
+    """Model inputs, batch by batch, from an array, a dict/list of arrays, a
+    `tf.data.Dataset` (of `x` or `(x, y[, sample_weight])`) or `Batched`.
+
+    Example:
+
+    >>> x = np.arange(10.0).reshape(5, 2)
+    >>> [b.shape for b in batches(x, 2)]
+    [(2, 2), (2, 2), (1, 2)]
+    >>> len(list(batches(Batched([(x, x)]), 2))[0])
+    2
+    """
     if data is None:
+        return
+    if isinstance(data, Batched):
+        yield from data
         return
     if hasattr(data, "as_numpy_iterator"):
         for element in data.as_numpy_iterator():

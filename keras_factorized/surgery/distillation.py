@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -23,7 +24,9 @@ import numpy as np
 from keras_factorized.surgery import augmentation
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
+from keras_factorized.surgery.calibration import Batched
 from keras_factorized.surgery.calibration import batches
+from keras_factorized.surgery.calibration import is_batched
 from keras_factorized.surgery.calibration import to_numpy
 
 
@@ -120,6 +123,36 @@ def output_losses(loss, targets):
     return ["cosine_similarity" if len(t.shape) >= 3 else "mse" for t in targets]
 
 
+def loss_label(losses) -> str:
+    """The losses of `output_losses`, each named once, for a report.
+
+    Example:
+
+    >>> loss_label(["cosine_similarity", "mse", "cosine_similarity"])
+    'cosine_similarity + mse'
+    """
+    return " + ".join(dict.fromkeys(str(loss) for loss in losses))
+
+
+class Distilled(NamedTuple):
+    """What `distill` did.
+
+    Attributes:
+        history: the mean training loss of each epoch.
+        held_out: the held-out loss before training and after each epoch
+            (empty without validation data).
+        token_noise: the fraction of the tokens replaced at every step
+            (`config.token_noise` with `"auto"` resolved; 0: none).
+        losses: the loss of each reproduced model output (`output_losses`
+            with `"auto"` resolved), block outputs not included.
+    """
+
+    history: list
+    held_out: list
+    token_noise: float
+    losses: list
+
+
 def _mean_loss(distiller, inputs, targets):
     return float(
         np.mean([np.ravel(distiller.test_on_batch(x, y))[0] for x, y in zip(inputs, targets)])
@@ -166,9 +199,9 @@ def split_held_out(data, config):
         return data, config.validation_data, "`validation_data`"
     if config.validation_split == 0:
         return data, None, None
-    is_dataset = hasattr(data, "as_numpy_iterator")
+    is_dataset = is_batched(data)
     if is_dataset:
-        items = _Batches(batches(data, config.batch_size, "distillation_data"))
+        items = Batched(batches(data, config.batch_size, "distillation_data"))
         n, what = len(items), "batches"
     else:
         flat = keras.tree.flatten(data)
@@ -180,7 +213,7 @@ def split_held_out(data, config):
     parts = []
     for idx in (np.sort(order[held:]), np.sort(order[:held])):
         if is_dataset:
-            parts.append(_Batches(items[i] for i in idx))
+            parts.append(Batched(items[i] for i in idx))
         else:
             parts.append(keras.tree.map_structure(lambda a, i=idx: np.asarray(a)[i], data))
     return parts[0], parts[1], f"{held} of {n} distillation {what} held out"
@@ -189,14 +222,7 @@ def split_held_out(data, config):
 def joined_batches(datas, batch_size):
     """The batches of each of `datas` (arrays, dicts of arrays or datasets),
     one after the other, as data that `calibration.batches` reads."""
-    return _Batches(b for data in datas for b in batches(data, batch_size))
-
-
-class _Batches(list):
-    """Batches of model inputs that `calibration.batches` yields as they are."""
-
-    def as_numpy_iterator(self):
-        return iter(self)
+    return Batched(b for data in datas for b in batches(data, batch_size))
 
 
 def _evaluation(student, teacher, config, inputs):
@@ -238,9 +264,8 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
             reproduced as well.
 
     Returns:
-        `(history, held_out)`: the mean training loss of each epoch, and the
-        held-out loss before training and after each epoch (empty without
-        `validation`).
+        A `Distilled`: the training and held-out losses, the token noise
+        rate and the output losses used.
     """
     block_paths = list(block_paths) if config.block_weight else []
     inputs = list(batches(data, config.batch_size, name="distillation_data"))
@@ -252,16 +277,18 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
     targets, n_blocks = _teacher_outputs(teacher, cached, config.outputs, teacher_blocks)
     noisy = _NoisyBatches(teacher, teacher_blocks, config, rate) if rate else None
     held_inputs = list(batches(validation, config.batch_size)) if validation is not None else []
+    losses = output_losses(config.loss, targets[0])
     with only_trainable(student, layers, config.trainable == "all"):
         blocks = [walk.navigate(student, p) for p in block_paths]
         distiller = _Distiller(student, config.outputs, blocks, name="distiller")
         distiller.compile(
             optimizer=_optimizer(config.learning_rate, max(1, config.epochs * len(inputs))),
-            loss=output_losses(config.loss, targets[0]),
+            loss=losses,
             loss_weights=_loss_weights(config, targets[0], n_blocks) if n_blocks else None,
         )
         held = _evaluation(student, teacher, config, held_inputs) if held_inputs else None
-        return _train(distiller, inputs, targets, config, held, verbose, noisy)
+        history, held_out = _train(distiller, inputs, targets, config, held, verbose, noisy)
+    return Distilled(history, held_out, rate, losses[: len(losses) - n_blocks])
 
 
 class _NoisyBatches:

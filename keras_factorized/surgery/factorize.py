@@ -61,7 +61,6 @@ import numpy as np
 
 from keras_factorized import data_aware
 from keras_factorized.decomposition import check_rank_arguments
-from keras_factorized.surgery import augmentation
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import blockwise
 from keras_factorized.surgery import calibration
@@ -353,7 +352,7 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
         _refresh_rows(new_model, targets, report, "learned")
         return
     block_paths = dict.fromkeys(blocks_lib.block_path(t.path) for t in factorized)
-    history, held_losses = distillation_lib.distill(
+    distilled = distillation_lib.distill(
         new_model, model, distillation, layers, data, verbose, held_out[0], block_paths
     )
     blocks = (
@@ -362,13 +361,13 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
         if distillation.block_weight
         else ""
     )
-    first = next(iter(calibration.batches(data, distillation.batch_size)), None)
-    rate = augmentation.noise_rate(distillation.token_noise, first) if first is not None else 0
+    rate = distilled.token_noise
     noise = f"; {rate:.0%} of the tokens replaced at every step" if rate else ""
     report.notes.append(
-        f"distillation loss ({_loss_label(distillation, model)} to the original outputs{blocks}"
-        f"{noise}) per epoch: " + ", ".join(f"{h:.4g}" for h in history)
+        f"distillation loss ({distillation_lib.loss_label(distilled.losses)} to the original "
+        f"outputs{blocks}{noise}) per epoch: " + ", ".join(f"{h:.4g}" for h in distilled.history)
     )
+    held_losses = distilled.held_out
     if held_losses:
         best = int(np.argmin(held_losses))
         report.notes.append(
@@ -377,20 +376,6 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
             + f"; kept the factors of {'the start' if best == 0 else f'epoch {best}'}"
         )
     _refresh_rows(new_model, targets, report, "learned")
-
-
-def _loss_label(distillation, model) -> str:
-    """The loss of the report's note (`"auto"` resolved where the model's
-    outputs are known), with no `:` or `,` in it."""
-    loss = distillation.loss
-    if not (isinstance(loss, str) and loss == "auto"):
-        return str(loss)
-    try:
-        outputs = distillation_lib.select_outputs(model.output, distillation.outputs)
-    except (AttributeError, ValueError, KeyError, IndexError):
-        return "auto"
-    losses = distillation_lib.output_losses(loss, outputs)
-    return " + ".join(dict.fromkeys(losses))
 
 
 def _blockwise(new_model, model, targets, report, distillation, data, held_out, verbose):

@@ -77,6 +77,15 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} us"
 
 
+def folder_bytes(path: str) -> int:
+    """Bytes of the files under `path` (a SavedModel folder, say)."""
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(path)
+        for name in names
+    )
+
+
 def fmt_bytes(size: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if size >= scale:

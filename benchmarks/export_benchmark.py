@@ -37,6 +37,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
+from benchmarks._common import folder_bytes  # noqa: E402
 from benchmarks.examples import load_example  # noqa: E402
 from benchmarks.report import machine_description  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
@@ -46,14 +47,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "imdb_fixture", "aclImdb_mini.tar.gz")
 VOCAB, EMBEDDING, LSTM, LENGTH = 20000, 128, 64, 200
 RANKS = (16, 4)
-
-
-def folder_bytes(path: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(folder, name))
-        for folder, _, names in os.walk(path)
-        for name in names
-    )
 
 
 def fixture_texts() -> list[str]:

@@ -44,6 +44,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks._common import fmt_bytes  # noqa: E402
+from benchmarks._common import folder_bytes  # noqa: E402
 from benchmarks._common import goal  # noqa: E402
 from benchmarks.examples import load_example  # noqa: E402
 from benchmarks.report import machine_description  # noqa: E402
@@ -71,11 +72,6 @@ def log(message):
 
 def variable_bytes(variables) -> int:
     return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
-
-
-def folder_bytes(folder) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
-               for f in files)
 
 
 def export_sizes(model, example, tflite_optimize=False) -> dict:

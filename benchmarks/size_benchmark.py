@@ -26,13 +26,6 @@ from benchmarks.report import update_section
 from benchmarks.report import write_json
 
 
-def _folder_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
-
-
 def _mlp(rank=None, width=1024, hidden=4096):
     import keras
 
@@ -91,7 +84,7 @@ def run(quick=False, small=False, write=True, json_path=None, command=None,
                 folder = os.path.join(tmp, f"m{i}_savedmodel")
                 with contextlib.redirect_stdout(io.StringIO()):
                     model.export(folder, verbose=False)
-                row["savedmodel_bytes"] = _folder_bytes(folder)
+                row["savedmodel_bytes"] = _common.folder_bytes(folder)
             rows.append(row)
             if verbose:
                 print(f"  size {name}: {params:,} params, .keras {row['keras_bytes']:,} B, "

@@ -53,6 +53,8 @@ def test_block_loss_is_added_with_its_weight():
 
 
 def test_learned_with_block_outputs_on_a_transformer():
+    # Two identical calls giving identical models, block outputs included (the
+    # default block_weight), is test_determinism's "bert-learned" case.
     bert = tiny_bert(num_layers=2, seed=0)
     data = bert_inputs(48, seed=1)
     config = DistillationConfig(epochs=2, block_weight=1.0, validation_split=0.25,
@@ -64,12 +66,6 @@ def test_learned_with_block_outputs_on_a_transformer():
     notes = " ".join(small.factorization_report.notes)
     assert "held-out loss" in notes
     assert "to the outputs of 2 blocks with weight 1)" in notes
-    again = factorize(
-        bert, param_ratio=0.5, method="learned", calibration_data=data,
-        distillation=config, include="transformer_layer",
-    )
-    for a, b in zip(small.weights, again.weights):
-        np.testing.assert_array_equal(_np(a), _np(b))
 
 
 @pytest.mark.parametrize("value", [-0.5, True, "1", None])

@@ -50,12 +50,13 @@ import tempfile
 import time
 
 import keras
-import numpy as np
 
 from keras_factorized import FactorizedEmbedding
+from keras_factorized import reporting
 from keras_factorized.atomic_io import write_text
 from keras_factorized.datasets import imdb
 from keras_factorized.layers.factor_quantization import SUPPORTED_MODES as QUANTIZE_MODES
+from keras_factorized.spectrum import stored_bytes
 from keras_factorized.validation import invalid_value
 
 DATA_SEED = 1337  # The train/validation split stays the same whatever --seed is.
@@ -305,10 +306,7 @@ def saved_size(model) -> int:
 
 def embedding_bytes(model) -> int:
     """Bytes of the variables of `model`'s embedding layer (an int8 entry is one byte)."""
-    return sum(
-        int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-        for v in model.get_layer("embedding").weights
-    )
+    return stored_bytes(model.get_layer("embedding"))
 
 
 def quantized_copy(model, mode: str):
@@ -481,20 +479,16 @@ BYTES_COLUMNS = (
 
 
 def format_table(rows) -> str:
-    width = max(len("model"), *(len(r["model"]) for r in rows))
+    """The results as a fixed-width table (`keras_factorized.reporting`)."""
     extra = [(key, title) for key, title in BYTES_COLUMNS if any(key in r for r in rows)]
-    lines = [
-        f"{'model':<{width}} {'emb. params':>12} {'total params':>13} {'compression':>11} "
-        f"{'test acc.':>9} {'.keras size':>11}" + "".join(f" {title:>11}" for _, title in extra)
-    ]
-    for r in rows:
-        lines.append(
-            f"{r['model']:<{width}} {r['embedding_params']:>12,} {r['total_params']:>13,} "
-            f"{r['compression']:>10.1f}x {100 * r['test_accuracy']:>8.2f}% "
-            f"{r['model_size_bytes'] / 1e6:>8.2f} MB"
-            + "".join(f" {format_bytes(r[key]) if key in r else '-':>11}" for key, _ in extra)
-        )
-    return "\n".join(lines)
+    headers = ["model", "emb. params", "total params", "compression", "test acc.", ".keras size"]
+    cells = [
+        [r["model"], r["embedding_params"], r["total_params"], f"{r['compression']:.1f}x",
+         f"{100 * r['test_accuracy']:.2f}%", format_bytes(r["model_size_bytes"])]
+        + [format_bytes(r[key]) if key in r else "-" for key, _ in extra]
+        for r in rows
+    ]  # fmt: skip
+    return reporting.format_table(headers + [title for _, title in extra], cells, left=[0])
 
 
 def export_best(rows_and_models, vectorizer, args):

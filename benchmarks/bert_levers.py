@@ -48,6 +48,7 @@ from benchmarks.bert_benchmark import sentence_embeddings  # noqa: E402
 from benchmarks.bert_benchmark import tokenize  # noqa: E402
 from benchmarks.report import machine_description  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
+from benchmarks.report import section_table  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
 from keras_factorized.atomic_io import write_text  # noqa: E402
 from keras_factorized.datasets.imdb import balanced_sample  # noqa: E402
@@ -59,7 +60,13 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bert_leve
 # spelled out so that the rows measured with them measure the same thing
 # whatever the defaults become.
 _BEFORE = dict(epochs=6, block_weight=0.0, refit=False, use_calibration_data=False,
-               token_noise=0.0)
+               token_noise=0.0, trainable="factors")
+# The ladder of rows 10-16 ran at the then default peak rate, 2e-4.
+_LADDER = dict(_BEFORE, learning_rate=2e-4)
+# Rows 17-23 changed the defaults of their day (14 epochs, token noise
+# "auto"), which trained the factors only, at a peak rate of 2e-4, with block
+# outputs weighted 1.
+_FACTORS_ONLY = dict(trainable="factors", learning_rate=2e-4, block_weight=1.0)
 
 
 def _learned_with(**options):
@@ -84,26 +91,32 @@ LEVERS = [
     _learned_with(),
     ("Q/K/V", "whitened", None, None, None),
     # The distillation ladder: the earlier defaults, then one option at a time.
-    _learned_with(**_BEFORE),
-    _learned_with(**dict(_BEFORE, block_weight=1.0)),
-    _learned_with(**dict(_BEFORE, block_weight=1.0, refit=True)),
-    _learned_with(**dict(_BEFORE, block_weight=1.0, refit=True, epochs=8)),
-    _learned_with(**dict(_BEFORE, block_weight=1.0, refit=True, use_calibration_data=True)),
-    _learned_with(**dict(_BEFORE, block_weight=1.0, learning_rate=1e-4)),
-    _learned_with(**dict(_BEFORE, block_weight=1.0, learning_rate=5e-5)),
+    _learned_with(**_LADDER),
+    _learned_with(**dict(_LADDER, block_weight=1.0)),
+    _learned_with(**dict(_LADDER, block_weight=1.0, refit=True)),
+    _learned_with(**dict(_LADDER, block_weight=1.0, refit=True, epochs=8)),
+    _learned_with(**dict(_LADDER, block_weight=1.0, refit=True, use_calibration_data=True)),
+    _learned_with(**dict(_LADDER, block_weight=1.0, learning_rate=1e-4)),
+    _learned_with(**dict(_LADDER, block_weight=1.0, learning_rate=5e-5)),
     # The defaults without token noise, with 8 and 12 epochs, then with more
     # noise than the default 0.15, then the defaults with 12 epochs (the
     # defaults had 12 before row 8's 14).
-    _learned_with(epochs=8, token_noise=0.0),
-    _learned_with(epochs=12, token_noise=0.0),
-    _learned_with(epochs=12, token_noise=0.3),
-    _learned_with(epochs=12),
-    # The defaults with a lower and a higher peak learning rate, then with
-    # the kept layers (normalizations, embeddings, the layer kept whole)
-    # training too.
-    _learned_with(learning_rate=1e-4),
-    _learned_with(learning_rate=4e-4),
-    _learned_with(trainable="all"),
+    _learned_with(**dict(_FACTORS_ONLY, epochs=8, token_noise=0.0)),
+    _learned_with(**dict(_FACTORS_ONLY, epochs=12, token_noise=0.0)),
+    _learned_with(**dict(_FACTORS_ONLY, epochs=12, token_noise=0.3)),
+    _learned_with(**dict(_FACTORS_ONLY, epochs=12)),
+    # The defaults of rows 17-20 with a lower and a higher peak learning rate,
+    # then with the kept layers (normalizations, embeddings, the layer kept
+    # whole) training too.
+    _learned_with(**dict(_FACTORS_ONLY, learning_rate=1e-4)),
+    _learned_with(**dict(_FACTORS_ONLY, learning_rate=4e-4)),
+    _learned_with(**dict(_FACTORS_ONLY, trainable="all")),
+    # Those defaults (row 8 until they changed), then the two levers that
+    # paid in rows 21 and 23 together, and with 10% token noise instead of
+    # 15%; today's defaults (row 8) add block outputs weighted 2 to row 25.
+    _learned_with(**_FACTORS_ONLY),
+    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0),
+    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, token_noise=0.1),
 ]
 # Levers measured before the sequential refit had its residual correction
 # (and the sensitivity allocation could keep a layer whole): their JSON files
@@ -203,6 +216,7 @@ def _training(r) -> str:
                 + (", trains on the calibration reviews too"
                    if options.get("use_calibration_data") else "")
                 + (_noise(options["token_noise"]) if options.get("token_noise") else "")
+                + (", the kept layers trained too" if options.get("trainable") == "all" else "")
             )
     else:
         text = f"{distill['block_epochs']} block-wise + {distill['epochs']} end-to-end epochs"
@@ -229,26 +243,31 @@ def _sequential(r) -> str:
     return f"{label}, with residual correction" if residual else label
 
 
-def render(rows) -> str:
-    rows = sorted(rows, key=lambda r: r["index"])
-    table = []
-    for r in rows:
-        allocation = r["allocation"]
-        if r.get("kept_whole"):
-            allocation += f" ({r['kept_whole']} kept whole)"
-        table.append(
-            [
-                r["selection"],
-                r["method"],
-                allocation,
-                _sequential(r),
-                _training(r),
-                f"{r['param_ratio']:.3f}",
-                f"{r['cosine']:.4f}",
-                f"{r['seconds']:.0f}"
-                + (f" (load {r['load_average']:.0f})" if "load_average" in r else ""),
-            ]
-        )
+def _cells(r) -> list:
+    allocation = r["allocation"]
+    if r.get("kept_whole"):
+        allocation += f" ({r['kept_whole']} kept whole)"
+    return [
+        r["selection"],
+        r["method"],
+        allocation,
+        _sequential(r),
+        _training(r),
+        f"{r['param_ratio']:.3f}",
+        f"{r['cosine']:.4f}",
+        f"{r['seconds']:.0f}" + (f" (load {r['load_average']:.0f})" if "load_average" in r else ""),
+    ]
+
+
+def render(rows, carried=()) -> str:
+    """The section: a row per lever, from its JSON result in `rows`, else
+    (measured earlier, its JSON not kept) its cells in `carried`, the
+    section's current rows in lever order."""
+    table = list(carried)
+    for r in sorted(rows, key=lambda r: r["index"]):
+        table += [None] * (r["index"] + 1 - len(table))
+        table[r["index"]] = _cells(r)
+    table = [cells for cells in table if cells is not None]
     return "\n".join(
         [
             "## Propagation-aware factorization of a pretrained BERT (issue 11)",
@@ -273,9 +292,11 @@ def render(rows) -> str:
             "learned to record a block's layer inputs and residual sources in one run "
             "(the same factors, fewer runs), as was row 20; rows 10-19 were timed before "
             "it: row 19 does the same work as row 20 but for its noise rate, so the change "
-            "saved about 180 s of the refit. Rows 21-23 (the current defaults with one "
-            "option changed) ran three side by side: their times are not comparable "
-            "with row 8's.",
+            "saved about 180 s of the refit. Rows 17-24 are the defaults of their day "
+            "(peak learning rate 2e-4, the factors trained alone, block outputs weighted "
+            "1: row 24, which was row 8 until the defaults changed) with one option "
+            "changed; rows 21-23 ran three side by side, rows 25 and 26 beside other "
+            "work: their times are not comparable with row 8's.",
             "",
             markdown_table(
                 [
@@ -339,7 +360,7 @@ def main(argv=None):
     for path in glob.glob(os.path.join(args.out, "lever_*.json")):
         with open(path, encoding="utf-8") as f:
             rows.append(json.load(f))
-    markdown = render(rows)
+    markdown = render(rows, section_table("bert-levers"))
     print(markdown)
     if not args.no_write and rows:
         update_section("bert-levers", markdown)

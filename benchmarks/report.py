@@ -37,6 +37,26 @@ def update_section(name, markdown, path=None):
     write_text(path, text)
 
 
+def section_table(name, path=None):
+    """The body rows of the first Markdown table in the section `name` of
+    BENCHMARKS.md, as lists of cells (`[]` when the section or table is missing).
+
+    The section's rows whose raw results are not at hand (measured on
+    another machine, their JSON not kept) are carried from here when it is
+    rendered again.
+    """
+    path = path or os.environ.get(BENCHMARKS_MD_ENV) or BENCHMARKS_MD
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    match = re.search(
+        re.escape(f"<!-- BEGIN {name} -->") + r"(.*?)" + re.escape(f"<!-- END {name} -->"),
+        text,
+        re.DOTALL,
+    )
+    lines = [line for line in (match.group(1) if match else "").splitlines()
+             if line.startswith("|")]  # fmt: skip
+    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines[2:]]
+
+
 def machine_description():
     """One line naming the machine, backend and library versions."""
     import keras

@@ -244,3 +244,23 @@ def test_accelerator_renders_saved_runs_with_their_notes(tmp_path):
     assert "GPU figures not measured" in text.split("`c2`")[1]
     with pytest.raises(SystemExit):
         accelerator.main(["--only", "imdb,gpu"])
+
+
+def test_bert_levers_render_carries_rows_without_their_json(tmp_path):
+    from benchmarks import bert_levers
+    from benchmarks.report import section_table
+    from benchmarks.report import update_section
+
+    row = {"index": 1, "selection": "Q/K/V", "method": "whitened", "allocation": "uniform",
+           "sequential": False, "distillation": None, "param_ratio": 0.5, "cosine": 0.91234,
+           "seconds": 12.3, "load_average": 2.1}
+    carried = [[f"old {i}"] + ["x"] * 7 for i in range(3)]
+    text = bert_levers.render([row], carried)
+    lines = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert lines[0].startswith("| old 0 |") and lines[2].startswith("| old 2 |")
+    assert lines[1] == "| Q/K/V | whitened | uniform | no | - | 0.500 | 0.9123 | 12 (load 2) |"
+    path = str(tmp_path / "BENCHMARKS.md")
+    update_section("bert-levers", text, path)
+    assert section_table("bert-levers", path)[1] == lines[1].strip("| ").split(" | ")
+    assert bert_levers.render([], section_table("bert-levers", path)) == text
+    assert section_table("missing", path) == []

@@ -95,8 +95,11 @@ class DistillationConfig:
             generalises better from a few examples (TinyBERT's intermediate
             distillation). `0`: the model outputs only. The original
             block outputs are kept in memory for all of `data`.
-        trainable: `"factors"` trains only the new layers; `"all"` also the
-            layers that were kept (normalizations, ...).
+        trainable: `"all"` trains the new layers and the layers that were
+            kept (normalizations, embeddings, layers left whole), so that
+            they absorb part of the factors' error; `"factors"` trains only
+            the new layers. Layers the model holds frozen
+            (`layer.trainable = False`) stay frozen either way.
         seed: seeds the order of the batches and the held-out split.
         time_budget: seconds each training phase (block-wise, end-to-end)
             may take; it stops after the step that crosses it (the
@@ -148,12 +151,12 @@ class DistillationConfig:
     data: Any = None
     epochs: int = 14
     block_epochs: int = 0
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-4
     batch_size: int = 16
     outputs: Sequence | None = None
     loss: Any = "auto"
-    block_weight: float = 1.0
-    trainable: str = "factors"
+    block_weight: float = 2.0
+    trainable: str = "all"
     seed: int = 0
     time_budget: float | None = None
     validation_split: float = 0.125

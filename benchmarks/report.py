@@ -19,17 +19,25 @@ BENCHMARKS_MD = os.path.join(
 BENCHMARKS_MD_ENV = "KERAS_FACTORIZED_BENCHMARKS_MD"
 
 
+def _read_section(name, path):
+    """`(path, text, pattern)`: the BENCHMARKS.md to use (`path`, else
+    `$KERAS_FACTORIZED_BENCHMARKS_MD`, else the repository's), its text (`""`
+    when missing) and the pattern of the section `name` in it, BEGIN and END
+    markers included, its body as group 1."""
+    path = path or os.environ.get(BENCHMARKS_MD_ENV) or BENCHMARKS_MD
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    return path, text, re.compile(re.escape(begin) + r"(.*?)" + re.escape(end), re.DOTALL)
+
+
 def update_section(name, markdown, path=None):
     """Replaces the section `name` of BENCHMARKS.md (appends it when missing).
 
     `path` defaults to `$KERAS_FACTORIZED_BENCHMARKS_MD`, else the repository's
     BENCHMARKS.md.
     """
-    path = path or os.environ.get(BENCHMARKS_MD_ENV) or BENCHMARKS_MD
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{markdown.strip()}\n{end}"
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    path, text, pattern = _read_section(name, path)
+    block = f"<!-- BEGIN {name} -->\n{markdown.strip()}\n<!-- END {name} -->"
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
@@ -45,13 +53,8 @@ def section_table(name, path=None):
     another machine, their JSON not kept) are carried from here when it is
     rendered again.
     """
-    path = path or os.environ.get(BENCHMARKS_MD_ENV) or BENCHMARKS_MD
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    match = re.search(
-        re.escape(f"<!-- BEGIN {name} -->") + r"(.*?)" + re.escape(f"<!-- END {name} -->"),
-        text,
-        re.DOTALL,
-    )
+    _, text, pattern = _read_section(name, path)
+    match = pattern.search(text)
     lines = [line for line in (match.group(1) if match else "").splitlines()
              if line.startswith("|")]  # fmt: skip
     return [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines[2:]]

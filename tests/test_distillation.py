@@ -8,6 +8,7 @@ from keras_factorized import factorize
 from keras_factorized.surgery import DistillationConfig
 from keras_factorized.surgery import WhitenedConfig
 from keras_factorized.surgery.calibration import batches
+from keras_factorized.surgery.distillation import filled_batches
 from keras_factorized.surgery.distillation import joined_batches
 from keras_factorized.surgery.distillation import split_held_out
 
@@ -71,6 +72,43 @@ def test_joined_batches_keep_a_two_input_batch_whole():
     joined = joined_batches([(a, b), (a[:2], b[:2])], 4)
     shapes = [tuple(x.shape for x in batch) for batch in batches(joined, 4)]
     assert shapes == [((4, 2), (4, 3)), ((1, 2), (1, 3)), ((2, 2), (2, 3))]
+
+
+def test_filled_batches_have_one_size_and_hold_every_example():
+    ids = np.arange(23 * 2).reshape(23, 2)
+    data = {"token_ids": ids, "padding_mask": ids * 10}
+    # A short batch in the middle, as joined calibration and distillation
+    # data have when the calibration size is not a multiple of the batch size.
+    cut = list(batches(data, 4))[:2] + list(batches(
+        keras.tree.map_structure(lambda a: a[8:], data), 6))
+    filled = filled_batches(cut)
+    assert [len(b["token_ids"]) for b in filled] == [6, 6, 6, 6]
+    rows = np.concatenate([b["token_ids"] for b in filled])
+    np.testing.assert_array_equal(rows[:23], ids)  # every example, in order,
+    np.testing.assert_array_equal(rows[23:], ids[:1])  # then the first again
+    for b in filled:
+        np.testing.assert_array_equal(b["padding_mask"], b["token_ids"] * 10)
+    even = list(batches(ids, 4))[:5]
+    assert filled_batches(even) is even
+    # Batches that do not join (another sequence length) stay as they are.
+    ragged = [np.zeros((4, 3)), np.zeros((2, 5))]
+    assert filled_batches(ragged) is ragged
+
+
+def test_training_steps_all_have_the_batch_size(monkeypatch):
+    model = _linear_mlp()
+    x = np.random.default_rng(3).normal(size=(21, 16)).astype("float32")
+    sizes = []
+    train_on_batch = keras.Model.train_on_batch
+
+    def recorded(self, x, *args, **kwargs):
+        sizes.append(len(x))
+        return train_on_batch(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "train_on_batch", recorded)
+    config = DistillationConfig(epochs=2, batch_size=8, validation_split=0, refit=False)
+    factorize(model, rank=4, method="learned", calibration_data=x, distillation=config)
+    assert sizes == [8] * 6
 
 
 def test_nothing_held_out_without_a_split_or_with_one_example():

@@ -11,6 +11,7 @@ import pytest
 
 from keras_factorized import FactorizedEmbedding
 from keras_factorized import LowRankDense
+from keras_factorized import LowRankEinsumDense
 
 
 def test_from_factors_holds_the_arrays_and_keeps_the_config():
@@ -24,6 +25,28 @@ def test_from_factors_holds_the_arrays_and_keeps_the_config():
     default = FactorizedEmbedding(50, 8, 4).get_config()
     for key in ("embeddings_a_initializer", "embeddings_b_initializer"):
         assert config[key] == default[key]
+
+
+@pytest.mark.parametrize("make", [
+    lambda a, b: FactorizedEmbedding.from_factors(a, b),
+    lambda a, b: LowRankDense.from_factors(a, b),
+    lambda a, b: LowRankEinsumDense.from_factors(
+        a, b, equation="abc,cd->abd", output_shape=(None, 8), kernel_shape=(10, 8)),
+], ids=["embedding", "dense", "einsum"])
+def test_from_factors_draws_no_random_values(make, monkeypatch):
+    # On JAX a random initializer compiles a kernel per shape (a new rank, a
+    # new shape): the einsum layer once drew both factors, 0.3 s each.
+    def no_random(self, *args, **kwargs):
+        raise AssertionError("a random initializer ran")
+
+    for initializer in (keras.initializers.GlorotUniform, keras.initializers.Orthogonal,
+                        keras.initializers.RandomUniform):
+        monkeypatch.setattr(initializer, "__call__", no_random)
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(10, 3)).astype("float32"), rng.normal(size=(3, 8)).astype("float32")
+    got_a, got_b = make(a, b).factors()
+    np.testing.assert_allclose(np.reshape(got_a, (10, 3)), a)
+    np.testing.assert_allclose(np.reshape(got_b, (3, 8)), b)
 
 
 def test_from_factors_with_bias_and_float64_input():

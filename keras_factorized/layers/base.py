@@ -248,7 +248,7 @@ class LowRankLayer(FactorQuantization, keras.layers.Layer):
         # initial values drawn, then overwritten by a second full copy):
         # `set_factors` after a plain `build` cost 20-30% on top of the SVD
         # of a 250,000 x 768 matrix (issue 13). The checks are set_factors's.
-        with _initial_values(layer, a, b) as given:
+        with initial_values(layer, a, b) as given:
             layer.build(layer._build_shape(a.shape, b.shape))
         if not all(initializer.used for initializer in given):
             # `build` did not create the factors from their initializers
@@ -462,7 +462,7 @@ class _GivenValue(keras.initializers.Initializer):
         return np.asarray(value, dtype=dtype).reshape(tuple(shape))
 
 
-class _initial_values:
+class initial_values:
     """While building `layer`, its factor initializers return `a` and `b`.
 
     Restores the layer's own initializers afterwards (its config is

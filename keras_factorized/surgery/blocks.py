@@ -55,6 +55,14 @@ def capture_calls(layers, keep_outputs=False):
         call, NumPy arrays (`output` is `None` unless `keep_outputs`).
     """
     records = {id(layer): [] for layer in layers}
+    # Q, K and V receive one tensor: it is converted once. The reference held
+    # here keeps another tensor from taking its `id` while it is compared.
+    last = [None, None]
+
+    def converted(x):
+        if last[0] is not x:
+            last[:] = [x, to_numpy(x)]
+        return last[1]
 
     def recorder(layer):
         def wrap(original_call):
@@ -62,7 +70,7 @@ def capture_calls(layers, keep_outputs=False):
                 output = original_call(inputs, *args, **kwargs)
                 records[id(layer)].append(
                     (
-                        to_numpy(inputs),
+                        converted(inputs),
                         _to_numpy_tree(args),
                         _to_numpy_tree(kwargs),
                         to_numpy(output) if keep_outputs else None,

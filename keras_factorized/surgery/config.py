@@ -78,7 +78,9 @@ class DistillationConfig:
             (`surgery.blockwise`).
         learning_rate: peak Adam learning rate (linear warm-up over the first
             10% of the steps, then cosine decay).
-        batch_size: batch size for array `data`.
+        batch_size: batch size for array `data`. Training batches all have
+            one size: a short one is filled up with the first examples
+            (`distillation.filled_batches`), so the train step compiles once.
         outputs: the outputs to reproduce (keys of a dict output, e.g.
             `["sequence_output"]`, or indices); default all of them.
         loss: the Keras loss between the new and the original outputs
@@ -155,7 +157,7 @@ class DistillationConfig:
     batch_size: int = 16
     outputs: Sequence | None = None
     loss: Any = "auto"
-    block_weight: float = 2.0
+    block_weight: float = 4.0
     trainable: str = "all"
     seed: int = 0
     time_budget: float | None = None

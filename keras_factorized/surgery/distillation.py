@@ -225,6 +225,40 @@ def joined_batches(datas, batch_size):
     return Batched(b for data in datas for b in batches(data, batch_size))
 
 
+def filled_batches(inputs):
+    """`inputs` re-cut into batches of one size, the last one filled up with
+    the first examples, when a batch is shorter than the others.
+
+    Every training step then has the same shapes, so the train step (and the
+    teacher's predict step, with token noise) is compiled once: a short batch
+    compiled each a second time (on MiniLM, a retrace of the train step; on
+    JAX, seconds per compile even for a tiny model). Each example is still
+    seen once per epoch, and the few in the fill twice. Batches that do not
+    join (different structures, or other shapes than the batch axis) are
+    returned as they are.
+
+    Example:
+
+    >>> x = np.arange(10.0).reshape(5, 2)
+    >>> [b[:, 0].tolist() for b in filled_batches([x[:2], x[2:4], x[4:]])]
+    [[0.0, 2.0], [4.0, 6.0], [8.0, 0.0]]
+    """
+    sizes = [len(keras.tree.flatten(x)[0]) for x in inputs]
+    if not sizes or min(sizes) == max(sizes):
+        return inputs
+    try:
+        joined = keras.tree.map_structure(lambda *a: np.concatenate(a), *inputs)
+    except (ValueError, TypeError):
+        return inputs
+    size, total = max(sizes), sum(sizes)
+    steps = -(-total // size)
+    order = np.concatenate([np.arange(total), np.arange(steps * size - total)])
+    return [
+        keras.tree.map_structure(lambda a, i=order[s * size : (s + 1) * size]: a[i], joined)
+        for s in range(steps)
+    ]
+
+
 def _evaluation(student, teacher, config, inputs):
     """`(distiller, inputs, targets)` measuring the loss of `student`'s
     outputs to `teacher`'s on the batches `inputs`
@@ -268,7 +302,7 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
         rate and the output losses used.
     """
     block_paths = list(block_paths) if config.block_weight else []
-    inputs = list(batches(data, config.batch_size, name="distillation_data"))
+    inputs = filled_batches(list(batches(data, config.batch_size, name="distillation_data")))
     teacher_blocks = [walk.navigate(teacher, p) for p in block_paths]
     rate = augmentation.noise_rate(config.token_noise, inputs[0])
     # With token noise every step has new inputs: only the first batch's

@@ -156,33 +156,66 @@ def _update_block(
     residual=True,
 ):
     links = residual_links(teacher_block, targets, teacher_calls[0]) if residual else {}
-    sources = sorted(set(links.values()))
     teacher_x, teacher_r = _recorded_inputs(
-        teacher_block, [t.original for t in targets], sources, teacher_calls
+        teacher_block, [t.original for t in targets], sorted(set(links.values())), teacher_calls
     )
-    pending = list(targets)
-    while pending:
-        layers = [walk.navigate(new_model, t.path) for t in pending]
-        student_x, student_r = _recorded_inputs(student_block, layers, sources, student_calls)
-        first = student_x[id(layers[0])]
-        group = [
-            (t, layer)
-            for t, layer in zip(pending, layers)
-            if t is pending[0] or _same_inputs(first, student_x[id(layer)])
-        ]
-        for t, layer in group:
+    for group in _input_groups(targets, teacher_x):
+        layers = [walk.navigate(new_model, t.path) for t in group]
+        sources = sorted({links[id(t)] for t in group if id(t) in links})
+        # The group's layers read one input: one of them is recorded.
+        student_x, student_r = _recorded_inputs(student_block, layers[:1], sources, student_calls)
+        inputs = student_x[id(layers[0])]
+        statistics = {}
+        for t, layer in zip(group, layers):
+            key = _rows_key(t)
+            if key not in statistics:
+                statistics[key] = _statistics(t, inputs, teacher_x[id(t.original)])
             link = links.get(id(t))
             shifts = None
             if link is not None:
                 shifts = [r - r_s for r, r_s in zip(teacher_r[link], student_r[link])]
-            _refit(t, layer, student_x[id(layer)], teacher_x[id(t.original)], shifts, damping, split)
+            _refit(t, layer, inputs, statistics[key], shifts, damping, split)
             if progbar is not None:
                 progbar.add(1)
-        done = {id(t) for t, _ in group}
-        pending = [t for t in pending if id(t) not in done]
 
 
-def _refit(t, layer, student_inputs, teacher_inputs, shifts, damping, split):
+def _input_groups(targets, recorded):
+    """`targets` in groups reading the same input (Q, K and V), in order:
+    each group is refitted after the groups before it changed its input."""
+    pending, groups = list(targets), []
+    while pending:
+        first = recorded[id(pending[0].original)]
+        group = [
+            t for t in pending
+            if t is pending[0] or _same_inputs(first, recorded[id(t.original)])
+        ]
+        groups.append(group)
+        pending = [t for t in pending if all(t is not g for g in group)]
+    return groups
+
+
+def _rows_key(t):
+    """Targets of one group with equal keys turn the input into equal rows."""
+    f = t.factorization
+    return t.shape[0], None if f is None else (f.input_spec, f.contracted)
+
+
+def _statistics(t, student_inputs, teacher_inputs):
+    """`(X'^T X', X'^T X, sum of X')` of the rows of the recorded inputs."""
+    m = t.shape[0]
+    gram = np.zeros((m, m))
+    cross = np.zeros_like(gram)
+    total = np.zeros(m)
+    for xs, x in zip(student_inputs, teacher_inputs):
+        rows_s = t.input_rows(xs).astype(np.float32)
+        rows_t = t.input_rows(x).astype(np.float32)
+        gram += rows_s.T @ rows_s
+        cross += rows_s.T @ rows_t
+        total += rows_s.sum(axis=0, dtype=np.float64)
+    return gram, cross, total
+
+
+def _refit(t, layer, student_inputs, statistics, shifts, damping, split):
     """Refits one layer's factors; keeps its current ones when they fit better.
 
     The fit is to the original outputs `X W + b - b'` (`b'` the layer's
@@ -192,18 +225,12 @@ def _refit(t, layer, student_inputs, teacher_inputs, shifts, damping, split):
     factors are set: the refit never increases the layer's calibration error.
     """
     m, n = t.shape
-    gram = np.zeros((m, m))
-    cross = np.zeros_like(gram)
+    gram, cross, total = statistics
     residual_cross = np.zeros((m, n))
-    total = np.zeros(m)
-    for i, (xs, x) in enumerate(zip(student_inputs, teacher_inputs)):
-        rows_s = t.input_rows(xs).astype(np.float32)
-        rows_t = t.input_rows(x).astype(np.float32)
-        gram += rows_s.T @ rows_s
-        cross += rows_s.T @ rows_t
-        total += rows_s.sum(axis=0, dtype=np.float64)
-        if shifts is not None:
-            residual_cross += rows_s.T @ shifts[i].reshape(-1, n).astype(np.float32)
+    if shifts is not None:
+        for xs, shift in zip(student_inputs, shifts):
+            rows_s = t.input_rows(xs).astype(np.float32)
+            residual_cross += rows_s.T @ shift.reshape(-1, n).astype(np.float32)
     # A bias moved by `bias_correction` (b' != b) is part of the fit too.
     bias = getattr(layer, "bias", None)
     if t.bias is not None and bias is not None and t.bias.size == n:

@@ -298,7 +298,10 @@ def render(rows, carried=()) -> str:
             "(peak learning rate 2e-4, the factors trained alone, block outputs weighted "
             "1: row 24, which was row 8 until the defaults changed) with one option "
             "changed; rows 21-23 ran three side by side, rows 25 and 26 beside other "
-            "work: their times are not comparable with row 8's.",
+            "work: their times are not comparable with row 8's. Row 27 is row 8 until "
+            "the block outputs were weighted 4 (the result of `--only 8` then, timed "
+            "in an earlier session): `--only 8` at that commit took 965 s on the "
+            "machine and day of today's row 8, which took 993 s.",
             "",
             markdown_table(
                 [

@@ -84,6 +84,12 @@ def round_trip(model, tmp_path, name):
     return keras.saving.load_model(path)
 
 
+def outputs(model, x):
+    # A direct call, not `predict`: `predict` compiles a function for each
+    # new model, which is most of an example's time (on JAX, seconds).
+    return keras.ops.convert_to_numpy(model(x))
+
+
 @settings(max_examples=20, **SETTINGS)
 @given(config=embedding_configs(), seed=st.integers(0, 1000))
 def test_embedding_round_trips_and_masks(tmp_path, config, seed):
@@ -95,7 +101,7 @@ def test_embedding_round_trips_and_masks(tmp_path, config, seed):
     model = keras.Sequential([keras.Input((7,), dtype="int32"), layer])
     loaded = round_trip(model, tmp_path, f"embedding{seed}")
     assert_same_config(layer, loaded.layers[0])
-    np.testing.assert_allclose(loaded.predict(ids, verbose=0), model.predict(ids, verbose=0))
+    np.testing.assert_allclose(outputs(loaded, ids), outputs(model, ids))
     mask = layer.compute_mask(ids)
     if config["mask_zero"]:
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(mask), ids != 0)
@@ -113,7 +119,7 @@ def test_low_rank_dense_round_trips(tmp_path, data, seed):
     x = np.random.default_rng(seed).normal(size=(4, input_dim)).astype("float32")
     loaded = round_trip(model, tmp_path, f"dense{seed}")
     assert_same_config(layer, loaded.layers[0])
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(outputs(loaded, x), outputs(model, x), atol=1e-6)
 
 
 @settings(max_examples=15, **SETTINGS)
@@ -126,7 +132,7 @@ def test_low_rank_einsum_dense_round_trips(tmp_path, data, seed):
     x = np.random.default_rng(seed).normal(size=(2, 5, input_dim)).astype("float32")
     loaded = round_trip(model, tmp_path, f"einsum{seed}")
     assert_same_config(layer, loaded.layers[0])
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(outputs(loaded, x), outputs(model, x), atol=1e-5)
 
 
 @settings(max_examples=20, **SETTINGS)
@@ -156,7 +162,7 @@ def test_outputs_have_the_policy_compute_dtype_and_mask_passes_through(policy, w
         LowRankDense(6, rank=rank)(hidden) if which == "dense" else hidden
     )
     model = keras.Model(inputs, pooled)
-    out = model.predict(ids[:1], verbose=0)
+    out = outputs(model, ids[:1])
     # Averaging over the 2 unmasked steps only: equals the mean of steps 0, 1.
-    steps = keras.Model(inputs, model.layers[-2].output).predict(ids[:1], verbose=0)
+    steps = outputs(keras.Model(inputs, model.layers[-2].output), ids[:1])
     np.testing.assert_allclose(out[0], steps[0, :2].mean(axis=0), atol=1e-5)

@@ -244,19 +244,27 @@ class LowRankLayer(FactorQuantization, keras.layers.Layer):
         rank = int(a.shape[-1])
         kwargs = {**cls._shape_kwargs(a, b, bias, kwargs), **kwargs, "rank": rank}
         layer = cls(**kwargs)
-        # The factor variables are created holding `a` and `b` (no random
-        # initial values drawn, then overwritten by a second full copy):
-        # `set_factors` after a plain `build` cost 20-30% on top of the SVD
-        # of a 250,000 x 768 matrix (issue 13). The checks are set_factors's.
-        with initial_values(layer, a, b) as given:
-            layer.build(layer._build_shape(a.shape, b.shape))
+        layer._build_holding(layer._build_shape(a.shape, b.shape), a, b)
+        if bias is not None:
+            layer._set_bias(bias)
+        return layer
+
+    def _build_holding(self, input_shape, a, b):
+        """Builds the layer with its factor variables created holding `a`
+        and `b` (for `from_factors`).
+
+        No random initial values are drawn and then overwritten by a second
+        full copy: `set_factors` after a plain `build` cost 20-30% on top of
+        the SVD of a 250,000 x 768 matrix (issue 13), and on JAX a random
+        initializer compiles one kernel per factor shape (about 0.3 s for
+        each new rank). The checks are `set_factors`'s.
+        """
+        with _initial_values(self, a, b) as given:
+            self.build(input_shape)
         if not all(initializer.used for initializer in given):
             # `build` did not create the factors from their initializers
             # (e.g. a quantized dtype policy): assign them the usual way.
-            layer.set_factors(a, b, bias)
-        elif bias is not None:
-            layer._set_bias(bias)
-        return layer
+            self.set_factors(a, b)
 
     @classmethod
     def from_matrix(
@@ -462,7 +470,7 @@ class _GivenValue(keras.initializers.Initializer):
         return np.asarray(value, dtype=dtype).reshape(tuple(shape))
 
 
-class initial_values:
+class _initial_values:
     """While building `layer`, its factor initializers return `a` and `b`.
 
     Restores the layer's own initializers afterwards (its config is

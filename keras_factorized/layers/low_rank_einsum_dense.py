@@ -14,7 +14,6 @@ from keras import regularizers
 
 from keras_factorized import validation
 from keras_factorized.layers.base import LowRankLayer
-from keras_factorized.layers.base import initial_values
 from keras_factorized.layers.base import projection_options
 from keras_factorized.layers.einsum_shapes import EinsumFactorization
 from keras_factorized.layers.einsum_shapes import einsum_shapes
@@ -239,21 +238,14 @@ class LowRankEinsumDense(LowRankLayer):
                 "kernel_shape", "the shape of the `EinsumDense` kernel when `a` and "
                 "`b` are 2-D", kernel_shape)
         layer = cls(equation, output_shape, int(a.shape[-1]), **kwargs)
-        # Built holding `a` and `b`, as `LowRankLayer.from_factors`: drawing
-        # random initial values first also compiled one random kernel per
-        # factor shape on JAX (about 0.3 s each, per rank).
-        with initial_values(layer, a, b) as given:
-            layer.build(factorization.input_shape(tuple(kernel_shape),
-                                                  layer.partial_output_shape))
+        layer._build_holding(
+            factorization.input_shape(tuple(kernel_shape), layer.partial_output_shape), a, b)
         if layer.bias is not None and bias is None:
             raise validation.invalid_value(
                 "bias", f"a bias of shape {tuple(layer.bias.shape)} "
                 f"(`bias_axes={layer.bias_axes!r}`)", bias)
-        bias = None if bias is None else np.reshape(bias, layer.bias.shape)
-        if not all(initializer.used for initializer in given):
-            layer.set_factors(a, b, bias)
-        elif bias is not None:
-            layer._set_bias(bias)
+        if bias is not None:
+            layer._set_bias(np.reshape(bias, layer.bias.shape))
         return layer
 
     @classmethod

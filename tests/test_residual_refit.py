@@ -148,8 +148,9 @@ def test_refit_never_increases_the_calibration_error(damping, with_shift):
     layer.set_factors(a, b)
     before = _objective(layer, x, x_student, w, shift)
     sequential._refit(
-        target, layer, [x_student], sequential._statistics(target, [x_student], [x]),
-        None if shift is None else [shift], damping, "balanced",
+        target, layer,
+        sequential._statistics(target, [x_student], [x], None if shift is None else [shift]),
+        damping, "balanced",
     )
     assert _objective(layer, x, x_student, w, shift) <= before + 1e-9 * abs(before)
     # From the whitened factors of the original inputs, the refit fits better.
@@ -157,8 +158,9 @@ def test_refit_never_increases_the_calibration_error(damping, with_shift):
     layer.set_factors(a0, b0)
     before = _objective(layer, x, x_student, w, shift)
     sequential._refit(
-        target, layer, [x_student], sequential._statistics(target, [x_student], [x]),
-        None if shift is None else [shift], damping, "balanced",
+        target, layer,
+        sequential._statistics(target, [x_student], [x], None if shift is None else [shift]),
+        damping, "balanced",
     )
     after = _objective(layer, x, x_student, w, shift)
     assert after <= before

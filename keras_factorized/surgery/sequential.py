@@ -165,16 +165,18 @@ def _update_block(
         # The group's layers read one input: one of them is recorded.
         student_x, student_r = _recorded_inputs(student_block, layers[:1], sources, student_calls)
         inputs = student_x[id(layers[0])]
-        statistics = {}
+        shared = {}  # statistics without a residual shift, by `_rows_key`
         for t, layer in zip(group, layers):
-            key = _rows_key(t)
-            if key not in statistics:
-                statistics[key] = _statistics(t, inputs, teacher_x[id(t.original)])
             link = links.get(id(t))
-            shifts = None
-            if link is not None:
+            if link is None:
+                key = _rows_key(t)
+                if key not in shared:
+                    shared[key] = _statistics(t, inputs, teacher_x[id(t.original)])
+                statistics = shared[key]
+            else:
                 shifts = [r - r_s for r, r_s in zip(teacher_r[link], student_r[link])]
-            _refit(t, layer, inputs, statistics[key], shifts, damping, split)
+                statistics = _statistics(t, inputs, teacher_x[id(t.original)], shifts)
+            _refit(t, layer, statistics, damping, split)
             if progbar is not None:
                 progbar.add(1)
 
@@ -200,42 +202,43 @@ def _rows_key(t):
     return t.shape[0], None if f is None else (f.input_spec, f.contracted)
 
 
-def _statistics(t, student_inputs, teacher_inputs):
-    """`(X'^T X', X'^T X, sum of X')` of the rows of the recorded inputs."""
-    m = t.shape[0]
+def _statistics(t, student_inputs, teacher_inputs, shifts=None):
+    """`(X'^T X', X'^T X, sum of X', X'^T (R - R'))` of the rows of the
+    recorded inputs; the last is zero without residual `shifts`."""
+    m, n = t.shape
     gram = np.zeros((m, m))
     cross = np.zeros_like(gram)
     total = np.zeros(m)
-    for xs, x in zip(student_inputs, teacher_inputs):
+    residual_cross = np.zeros((m, n))
+    for i, (xs, x) in enumerate(zip(student_inputs, teacher_inputs)):
         rows_s = t.input_rows(xs).astype(np.float32)
         rows_t = t.input_rows(x).astype(np.float32)
         gram += rows_s.T @ rows_s
         cross += rows_s.T @ rows_t
         total += rows_s.sum(axis=0, dtype=np.float64)
-    return gram, cross, total
+        if shifts is not None:
+            residual_cross += rows_s.T @ shifts[i].reshape(-1, n).astype(np.float32)
+    return gram, cross, total, residual_cross
 
 
-def _refit(t, layer, student_inputs, statistics, shifts, damping, split):
+def _refit(t, layer, statistics, damping, split):
     """Refits one layer's factors; keeps its current ones when they fit better.
 
     The fit is to the original outputs `X W + b - b'` (`b'` the layer's
-    bias now, plus the residual shift `R - R'` when `shifts` is given:
-    `residual_links`); the closed form minimises it with the
+    bias now, plus the residual shift `R - R'` whose cross term
+    `statistics` holds: `_statistics`, `residual_links`); the closed form
+    minimises it with the
     damping term, so the undamped objective is checked before the new
     factors are set: the refit never increases the layer's calibration error.
     """
-    m, n = t.shape
-    gram, cross, total = statistics
-    residual_cross = np.zeros((m, n))
-    if shifts is not None:
-        for xs, shift in zip(student_inputs, shifts):
-            rows_s = t.input_rows(xs).astype(np.float32)
-            residual_cross += rows_s.T @ shift.reshape(-1, n).astype(np.float32)
-    # A bias moved by `bias_correction` (b' != b) is part of the fit too.
+    n = t.shape[1]
+    gram, cross, total, residual_cross = statistics
+    # A bias moved by `bias_correction` (b' != b) is part of the fit too (a
+    # new array: `statistics` may be shared by the layers of a group).
     bias = getattr(layer, "bias", None)
     if t.bias is not None and bias is not None and t.bias.size == n:
         shift = t.bias.reshape(-1).astype(np.float64) - to_numpy(bias).reshape(-1)
-        residual_cross += np.outer(total, shift)
+        residual_cross = residual_cross + np.outer(total, shift)
     a, b = data_aware.fitted_factors(
         t.matrix, gram, cross, t.rank, damping=damping, split=split, residual_cross=residual_cross
     )

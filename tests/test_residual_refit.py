@@ -6,6 +6,7 @@ import types
 import keras
 import numpy as np
 import pytest
+from tiny_models import Block
 from tiny_models import bert_inputs  # noqa: E402
 from tiny_models import tiny_bert  # noqa: E402
 
@@ -15,6 +16,7 @@ from keras_factorized.data_aware import fitted_factors
 from keras_factorized.data_aware import whitened_svd
 from keras_factorized.layers import LowRankDense
 from keras_factorized.surgery import WhitenedConfig
+from keras_factorized.surgery import blocks
 from keras_factorized.surgery import sequential
 
 
@@ -71,6 +73,25 @@ def test_residual_links_of_a_post_norm_transformer_block():
     assert named["_feedforward_output_dense"] == (("attr", "_feedforward_intermediate_dense"),)
     for name in ("_query_dense", "_key_dense", "_value_dense", "_feedforward_intermediate_dense"):
         assert named[name] is None
+
+
+def test_recorded_run_stops_once_its_layers_ran():
+    """The refit's runs of a block stop at the layers they record: what comes
+    after them does not run, the records are those of a whole run, and every
+    layer's `call` is restored."""
+    block = Block(units=8)
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    record = (x, (), {}, None)
+    with blocks.capture_calls([block.inner, block.project]) as whole:
+        blocks.run_block(block, record)
+    with blocks.capture_calls([block.project]) as after:
+        records = blocks.recorded_run(block, record, [block.inner])
+    assert after[id(block.project)] == []
+    np.testing.assert_array_equal(records[id(block.inner)][0][0], whole[id(block.inner)][0][0])
+    assert all("call" not in layer.__dict__ for layer in (block, block.inner, block.project))
+    # Waiting for the last layer runs the block to it.
+    records = blocks.recorded_run(block, record, [block.project])
+    np.testing.assert_array_equal(records[id(block.project)][0][0], whole[id(block.project)][0][0])
 
 
 def test_residual_refit_at_the_exact_rank_reproduces_the_model():

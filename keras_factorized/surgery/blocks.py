@@ -46,9 +46,19 @@ def _to_numpy_tree(value):
     return keras.tree.map_structure(convert, value)
 
 
+class _AllRecorded(Exception):
+    """Stops a block's run once every layer `recorded_run` waits for ran."""
+
+
 @contextlib.contextmanager
-def capture_calls(layers, keep_outputs=False):
+def capture_calls(layers, keep_outputs=False, stop_when_recorded=False):
     """Within the block, every call of `layers` is recorded.
+
+    Args:
+        layers: the layers whose calls are recorded.
+        keep_outputs: whether outputs are recorded too.
+        stop_when_recorded: raise `_AllRecorded` as soon as each of `layers`
+            has been called once (`recorded_run`).
 
     Yields:
         A dict `id(layer) -> list` of `(inputs, args, kwargs, output)` per
@@ -76,6 +86,8 @@ def capture_calls(layers, keep_outputs=False):
                         to_numpy(output) if keep_outputs else None,
                     )
                 )
+                if stop_when_recorded and all(records.values()):
+                    raise _AllRecorded
                 return output
 
             return call
@@ -120,6 +132,22 @@ def run_block(block, record, inputs=None):
     kwargs = {k: v for k, v in kwargs.items() if k != "training"}
     x = recorded_inputs if inputs is None else inputs
     return block(x, *args, training=False, **kwargs)
+
+
+def recorded_run(block, record, layers):
+    """Runs `block` on a recorded call until each of `layers` has been called
+    once, and returns their records (as `capture_calls`' first call each).
+
+    The rest of the block does not run: refitting the first layers of a
+    Transformer block needs only the start of it (its attention, not its
+    feed-forward layers and their GELU).
+    """
+    with capture_calls(layers, stop_when_recorded=True) as records:
+        try:
+            run_block(block, record)
+        except _AllRecorded:
+            pass
+    return records
 
 
 def block_calls(model, blocks, data_batches, keep_outputs=False):

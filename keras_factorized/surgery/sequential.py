@@ -85,9 +85,7 @@ def _recorded_inputs(block, layers, sources, calls):
     per_layer = {id(layer): [] for layer in layers}
     per_source = {p: [] for p in sources}
     for call in calls:
-        if captured:
-            with blocks_lib.capture_calls(captured) as records:
-                blocks_lib.run_block(block, call)
+        records = blocks_lib.recorded_run(block, call, captured) if captured else {}
         for layer in layers:
             per_layer[id(layer)].append(records[id(layer)][0][0])
         for p in sources:

@@ -247,6 +247,31 @@ def test_refit_on_the_distillation_data_fits_what_calibration_missed():
         DistillationConfig(refit=1)
 
 
+@pytest.mark.parametrize("refit", [True, False])
+def test_sequential_refit_runs_once(monkeypatch, refit):
+    """With distillation data to refit on, the refit runs on the calibration
+    and distillation rows together, and not first on the calibration rows
+    alone (each layer would be fitted twice); with `refit=False`, on the
+    calibration rows only."""
+    from keras_factorized.surgery import sequential
+
+    rows = []
+    update = sequential.sequential_update
+
+    def counted(model, new_model, targets, data, *args, **kwargs):
+        rows.append(sum(len(b) for b in batches(data, 8)))
+        return update(model, new_model, targets, data, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "sequential_update", counted)
+    calibration, data = _shifted_data(4)
+    config = DistillationConfig(data=data, epochs=0, refit=refit)
+    small = factorize(_linear_mlp(), rank=6, method="learned", calibration_data=calibration,
+                      distillation=config)
+    train, _, _ = split_held_out(data, config)
+    assert rows == [len(calibration) + len(train)] if refit else [len(calibration)]
+    assert "sequential refit" in small.factorization_report.output_errors
+
+
 def test_calibration_data_joins_the_training_data():
     # Batches of the calibration data, then of `data`: the same batches as
     # `data` holding both (both sizes are multiples of the batch size).

@@ -300,8 +300,16 @@ def render(rows, carried=()) -> str:
             "changed; rows 21-23 ran three side by side, rows 25 and 26 beside other "
             "work: their times are not comparable with row 8's. Row 27 is row 8 until "
             "the block outputs were weighted 4 (the result of `--only 8` then, timed "
-            "in an earlier session): `--only 8` at that commit took 965 s on the "
-            "machine and day of today's row 8, which took 993 s.",
+            "in an earlier session; `--only 8` at that commit took 965 s in a later "
+            "session). Row 8 was timed after a `learned` call with distillation data "
+            "refitted once, on the calibration and distillation reviews together (it "
+            "refitted on the calibration reviews first, then on both: the held-out loss "
+            "after the refit and the cosine are the same to every printed digit), and "
+            "the refit's runs of a "
+            "block stopped at the layers they record: 819 s. Earlier the same day, "
+            "`--only 8` on the code with the second change but not the first took 955 s, "
+            "and on the code with neither 993 s; the same code has taken 892 s and 965 s "
+            "in two sessions (row 27): compare these times to a tenth.",
             "",
             markdown_table(
                 [

@@ -67,12 +67,6 @@ def eager_fit():
         yield
 
 
-# The tests reading `first_run` run on one xdist worker (`--dist loadgroup`,
-# pyproject.toml): it took 16 s (TensorFlow) and 41 s (JAX) to set up in CI, once per
-# worker that needed it.
-shares_first_run = pytest.mark.xdist_group("bert_classifier_first_run")
-
-
 @pytest.fixture(scope="module")
 def first_run(tiny_preset, tmp_path_factory):
     """One run of the example, shared by the tests that read its results."""
@@ -81,7 +75,6 @@ def first_run(tiny_preset, tmp_path_factory):
     return example.run(args), save_dir
 
 
-@shares_first_run
 def test_run_prints_the_table_and_writes_its_files(first_run, tiny_preset, capsys):
     results, save_dir = first_run
     models = [row["model"] for row in results["rows"]]
@@ -100,7 +93,6 @@ def test_run_prints_the_table_and_writes_its_files(first_run, tiny_preset, capsy
     assert saved["config"]["data_source"] == "path"
 
 
-@shares_first_run
 def test_param_ratio_within_budget_and_whole_encoder_factorized(first_run):
     rows = first_run[0]["rows"]
     original, compressed = rows[0], rows[1:]
@@ -118,7 +110,6 @@ def test_param_ratio_within_budget_and_whole_encoder_factorized(first_run):
     assert len(small.factorization_report.layers) == 2 * 6
 
 
-@shares_first_run
 def test_saved_compressed_task_predicts_the_same_on_raw_strings(first_run):
     results, save_dir = first_run
     assert all(row["reload_matches"] for row in results["rows"][1:])
@@ -130,7 +121,6 @@ def test_saved_compressed_task_predicts_the_same_on_raw_strings(first_run):
     assert isinstance(loaded, keras_hub.models.BertTextClassifier)
 
 
-@shares_first_run
 def test_main_starts_from_the_saved_finetuned_task(first_run, tiny_preset, tmp_path, capsys):
     results, save_dir = first_run
     argv = small_argv(tiny_preset, tmp_path, "--finetuned", str(save_dir / "finetuned.keras"),

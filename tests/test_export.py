@@ -118,11 +118,6 @@ def mixed_bfloat16_model():
     return model, history.history["loss"], before, after
 
 
-# The tests reading `exports` run on one xdist worker (`--dist loadgroup`,
-# pyproject.toml): it took 13 s to set up in CI, once per worker that needed it.
-shares_exports = pytest.mark.xdist_group("export_exports")
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """Exports every case once and serves them all in one clean process."""
@@ -223,7 +218,6 @@ def exports(tmp_path_factory):
     )
 
 
-@shares_exports
 @pytest.mark.parametrize(
     "name", ["factored", "merged", "text", "text_pre", "text_in_model", "mixed_bfloat16"]
 )
@@ -241,7 +235,6 @@ def test_served_predictions_match_keras(exports, name):
     np.testing.assert_allclose(served, exports["expected"][name], atol=atol, rtol=0)
 
 
-@shares_exports
 def test_predictions_are_not_trivial(exports):
     # A model whose outputs are all equal would match anything.
     for name in ("factored", "text", "text_pre"):
@@ -252,7 +245,6 @@ def test_predictions_are_not_trivial(exports):
     )
 
 
-@shares_exports
 def test_only_standard_tensorflow_ops(exports):
     from tensorflow.python.framework import op_def_registry
 
@@ -278,7 +270,6 @@ def test_python_op_detection_works(tmp_path):
     assert export.saved_model_ops(tmp_path) & export.PYTHON_OPS
 
 
-@shares_exports
 def test_factored_export_is_smaller_than_merged(exports):
     def variables_bytes(path):
         folder = os.path.join(path, "variables")
@@ -299,14 +290,12 @@ def test_merge_leaves_the_model_unchanged():
     np.testing.assert_allclose(merged.predict(ids, verbose=0), model.predict(ids, verbose=0), atol=1e-6)
 
 
-@shares_exports
 def test_mixed_bfloat16_model_trains(exports):
     mixed = exports["extra"]["mixed"]
     assert np.all(np.isfinite(mixed["losses"]))
     assert not np.allclose(mixed["before"], mixed["after"])
 
 
-@shares_exports
 def test_version_numbering(exports, tmp_path):
     model = both_layers_model()
     assert export.next_version(tmp_path / "missing") == 1

@@ -31,11 +31,6 @@ def parse(argv):
     return example.build_parser().parse_args(argv)
 
 
-# The tests reading `results` run on one xdist worker (`--dist loadgroup`,
-# pyproject.toml): it took 11 s to set up in CI (JAX), once per worker that needed it.
-shares_results = pytest.mark.xdist_group("imdb_example_results")
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("imdb_out")
@@ -46,7 +41,6 @@ def results(tmp_path_factory):
     return example.run(args)
 
 
-@shares_results
 def test_every_model_is_trained_and_evaluated(results):
     rows = {row["model"]: row for row in results["rows"]}
     assert list(rows) == ["baseline", "rank 2", "svd rank 2"]
@@ -62,7 +56,6 @@ def test_every_model_is_trained_and_evaluated(results):
     assert results["source"].kind == "path"
 
 
-@shares_results
 def test_results_json_holds_the_rows_and_the_data_source(results):
     saved = json.load(open(results["results_json"]))
     assert [r["model"] for r in saved["runs"]] == ["baseline", "rank 2", "svd rank 2"]

@@ -113,12 +113,15 @@ LEVERS = [
     _learned_with(**dict(_FACTORS_ONLY, trainable="all")),
     # Those defaults (row 8 until they changed), then the two levers that
     # paid in rows 21 and 23 together, and with 10% token noise instead of
-    # 15%; row 27 adds block outputs weighted 2 to row 25, today's defaults (row 8) 4.
+    # 15%; rows 27 and 28 add block outputs weighted 2 and 4 to row 25, today's
+    # defaults (row 8) 8.
     _learned_with(**_FACTORS_ONLY),
     _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0),
     _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, token_noise=0.1),
-    # Row 8 until the block outputs were weighted 4.
+    # Row 8 until the block outputs were weighted 4, then until they were
+    # weighted 8.
     _learned_with(block_weight=2.0),
+    _learned_with(block_weight=4.0),
 ]
 # Levers measured before the sequential refit had its residual correction
 # (and the sensitivity allocation could keep a layer whole): their JSON files
@@ -301,15 +304,18 @@ def render(rows, carried=()) -> str:
             "work: their times are not comparable with row 8's. Row 27 is row 8 until "
             "the block outputs were weighted 4 (the result of `--only 8` then, timed "
             "in an earlier session; `--only 8` at that commit took 965 s in a later "
-            "session). Row 8 was timed after a `learned` call with distillation data "
-            "refitted once, on the calibration and distillation reviews together (it "
-            "refitted on the calibration reviews first, then on both: the held-out loss "
-            "after the refit and the cosine are the same to every printed digit), and "
-            "the refit's runs of a "
-            "block stopped at the layers they record: 819 s. Earlier the same day, "
-            "`--only 8` on the code with the second change but not the first took 955 s, "
-            "and on the code with neither 993 s; the same code has taken 892 s and 965 s "
-            "in two sessions (row 27): compare these times to a tenth.",
+            "session), row 28 until they were weighted 8 (`--only 8` then, its JSON "
+            "re-indexed; row 8's 724 s is `--only 28` run before the default changed, "
+            "re-indexed too). Rows 8 and 28 were timed after a `learned` call with "
+            "distillation data refitted once, on the calibration and distillation "
+            "reviews together (it refitted on the calibration reviews first, then on "
+            "both: the held-out loss after the refit and the cosine are the same to "
+            "every printed digit), and the refit's runs of a block stopped at the "
+            "layers they record. Earlier the same day, `--only 8` on the code with the "
+            "second change but not the first took 955 s, and on the code with neither "
+            "993 s. Rows 8 and 28 do the same work (the block weight changes no "
+            "computation) and took 724 s and 819 s an hour apart; row 27's code took "
+            "892 s and 965 s in two sessions: compare these times to a tenth.",
             "",
             markdown_table(
                 [

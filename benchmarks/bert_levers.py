@@ -61,13 +61,14 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bert_leve
 # whatever the defaults become.
 _BEFORE = dict(epochs=6, block_weight=0.0, refit=False, use_calibration_data=False,
                token_noise=0.0, trainable="factors")
-# The ladder of rows 10-16 ran at the then default peak rate, 2e-4, and
-# batch size, 16 (as did every row up to 29).
-_LADDER = dict(_BEFORE, learning_rate=2e-4, batch_size=16)
+# Every `learned` row but 8 ran at the then default batch size.
+_BATCH_16 = dict(batch_size=16)
+# The ladder of rows 10-16 ran at the then default peak rate, 2e-4.
+_LADDER = dict(_BEFORE, learning_rate=2e-4, **_BATCH_16)
 # Rows 17-23 changed the defaults of their day (14 epochs, token noise
 # "auto"), which trained the factors only, at a peak rate of 2e-4, with block
 # outputs weighted 1.
-_FACTORS_ONLY = dict(trainable="factors", learning_rate=2e-4, block_weight=1.0, batch_size=16)
+_FACTORS_ONLY = dict(trainable="factors", learning_rate=2e-4, block_weight=1.0, **_BATCH_16)
 
 
 def _learned_with(**options):
@@ -114,17 +115,16 @@ LEVERS = [
     _learned_with(**dict(_FACTORS_ONLY, trainable="all")),
     # Those defaults (row 8 until they changed), then the two levers that
     # paid in rows 21 and 23 together, and with 10% token noise instead of
-    # 15%; rows 27 and 28 add block outputs weighted 2 and 4 to row 25, today's
-    # defaults (row 8) 8.
+    # 15%; rows 27-29 add block outputs weighted 2, 4 and 8 to row 25.
     _learned_with(**_FACTORS_ONLY),
-    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, batch_size=16),
+    _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, **_BATCH_16),
     _learned_with(trainable="all", learning_rate=1e-4, block_weight=1.0, token_noise=0.1,
-                  batch_size=16),
+                  **_BATCH_16),
     # Row 8 until the block outputs were weighted 4, then until they were
     # weighted 8, then until the batches had 8 reviews.
-    _learned_with(block_weight=2.0, batch_size=16),
-    _learned_with(block_weight=4.0, batch_size=16),
-    _learned_with(batch_size=16),
+    _learned_with(block_weight=2.0, **_BATCH_16),
+    _learned_with(block_weight=4.0, **_BATCH_16),
+    _learned_with(**_BATCH_16),
 ]
 # Levers measured before the sequential refit had its residual correction
 # (and the sensitivity allocation could keep a layer whole): their JSON files
@@ -311,8 +311,7 @@ def render(rows, carried=()) -> str:
             "re-indexed), row 29 until the batches had 8 reviews instead of 16 "
             "(`--only 28` run before the block weight's default changed, re-indexed "
             "twice; every `learned` row but 8 ran batches of 16; rows 8 and 29 ran hours "
-            "apart). Rows "
-            "8, 28 and 29 were timed after a `learned` call with "
+            "apart). Rows 8, 28 and 29 were timed after a `learned` call with "
             "distillation data refitted once, on the calibration and distillation "
             "reviews together (it refitted on the calibration reviews first, then on "
             "both: the held-out loss after the refit and the cosine are the same to "

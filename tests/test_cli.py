@@ -591,6 +591,46 @@ def test_compress_learned_options_seed_and_reports(capsys, workdir, tmp_path):
         f"small{i}.keras" for i in range(3)] + ["report.json", "report.md", "report.csv"]) == []
 
 
+@needs_surgery
+@pytest.mark.parametrize(
+    "extra, factorize_batch, distillation_batch",
+    [
+        ([], 32, "default"),
+        (["--batch-size", "16"], 16, "default"),
+        (["--distillation-batch-size", "4"], 32, 4),
+        (["--batch-size", "64", "--distillation-batch-size", "2"], 64, 2),
+    ],
+)
+def test_compress_distillation_batch_size_is_its_own(
+    capsys, workdir, tmp_path, monkeypatch, extra, factorize_batch, distillation_batch
+):
+    """`--batch-size` runs the calibration data; the distillation trains in
+    batches of `--distillation-batch-size`, by default `DistillationConfig`'s."""
+    from keras_factorized import surgery
+    from keras_factorized.cli import _common
+
+    if distillation_batch == "default":
+        distillation_batch = surgery.DistillationConfig().batch_size
+        assert distillation_batch != 32  # else the default case could not fail
+    seen = {}
+
+    def recording_factorize(model, **kwargs):
+        seen.update(kwargs)
+        return model, None
+
+    monkeypatch.setattr(_common, "factorize", recording_factorize)
+    x = np.load(workdir / "data.npz")["x"][:16]
+    np.save(tmp_path / "x.npy", x)
+    code, _, err = _run(
+        capsys,
+        ["compress", workdir / "tiny.keras", "-o", tmp_path / "s.keras", "--rank", "2",
+         "--method", "learned", "--calibration", tmp_path / "x.npy", "-q", *extra],
+    )
+    assert code == 0, err
+    assert seen["batch_size"] == factorize_batch
+    assert seen["distillation"].batch_size == distillation_batch
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [
@@ -601,6 +641,7 @@ def test_compress_learned_options_seed_and_reports(capsys, workdir, tmp_path):
         (["--seed", "x"], "--seed"),
         (["--seed", "-1"], "--seed"),
         (["--distillation-outputs", ","], "--distillation-outputs"),
+        (["--distillation-batch-size", "0"], "--distillation-batch-size"),
     ],
 )
 def test_compress_bad_option_values(capsys, workdir, tmp_path, extra, fragment):

@@ -67,7 +67,9 @@ DISTILLATION_FLAGS = {
     "epochs": ("--distillation-epochs", dict(type=_common.non_negative_int, metavar="N")),
     "block_epochs": ("--block-epochs", dict(type=_common.non_negative_int, metavar="N")),
     "learning_rate": ("--learning-rate", dict(type=_common.positive_float, metavar="LR")),
-    "batch_size": None,  # --batch-size
+    "batch_size": (
+        "--distillation-batch-size", dict(type=_common.positive_int, metavar="B")
+    ),
     "outputs": ("--distillation-outputs", dict(type=_common.key_list, metavar="KEY,...")),
     "loss": ("--distillation-loss", dict(metavar="LOSS")),
     "block_weight": ("--block-weight", dict(type=_common.non_negative_float, metavar="W")),
@@ -165,7 +167,9 @@ def _add_method_flags(p) -> None:
     p.add_argument(
         "--batch-size", type=_common.positive_int, metavar="B",
         default=_common.factorize_default("batch_size"),
-        help="batch size to run the calibration and distillation data",
+        help="batch size to run the calibration data (statistics, sensitivities, the "
+        "sequential refit, the report's output errors); the distillation trains in batches "
+        "of --distillation-batch-size",
     )
     p.add_argument(
         "--seed", type=_common.non_negative_int, metavar="N", default=surgery.DistillationConfig().seed,
@@ -240,7 +244,7 @@ def _configs(args):
         validation = _inputs(validation, "validation data file")
     distillation = _common.config_from_args(
         surgery.DistillationConfig, DISTILLATION_FLAGS, args,
-        data=data, validation_data=validation, batch_size=args.batch_size, seed=args.seed,
+        data=data, validation_data=validation, seed=args.seed,
     )
     return whitening, distillation
 

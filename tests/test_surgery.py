@@ -382,6 +382,22 @@ def test_distillation_config_trains_like_the_legacy_arguments():
     np.testing.assert_allclose(_np(legacy(x)), _np(config(x)), atol=1e-5)
 
 
+def test_learned_without_a_config_distils_like_the_default_config():
+    """No `distillation` and no legacy argument: `DistillationConfig()`,
+    batch size included (not `factorize`'s `batch_size`)."""
+    from keras_factorized.surgery import DistillationConfig
+
+    model = _mlp()
+    x = _correlated_inputs(64, 24)
+    kwargs = dict(rank=3, method="learned", calibration_data=x, include="d1|d2", batch_size=32)
+    implicit = factorize(model, **kwargs)
+    explicit = factorize(model, distillation=DistillationConfig(), **kwargs)
+    at_32 = factorize(model, distillation=DistillationConfig(batch_size=32), **kwargs)
+    for a, b in zip(_weights(implicit), _weights(explicit)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(_weights(implicit), _weights(at_32)))
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [

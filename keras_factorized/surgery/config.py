@@ -217,7 +217,9 @@ def from_legacy_kwargs(whitening, distillation, batch_size, kwargs):
     """`(whitening, distillation)` configs from `factorize`'s keyword arguments.
 
     The old keyword arguments (`LEGACY_KWARGS`) update the given configs (or
-    the defaults); naming both `damping=` and `whitening=` is an error.
+    the defaults); naming both `damping=` and `whitening=` is an error. With
+    an old distillation argument, the distillation batch size is
+    `factorize`'s `batch_size`, as it was before `DistillationConfig`.
     """
     unknown = sorted(set(kwargs) - set(LEGACY_KWARGS))
     if unknown:
@@ -227,7 +229,10 @@ def from_legacy_kwargs(whitening, distillation, batch_size, kwargs):
         if config is not None and not isinstance(config, cls):
             name = "whitening" if cls is WhitenedConfig else "distillation"
             raise invalid_type(name, f"a `{cls.__name__}` or None", config)
-    updates = {WhitenedConfig: {}, DistillationConfig: {"batch_size": batch_size}}
+    # An old-style call distils at `batch_size`, as it did before the configs;
+    # any other at `DistillationConfig`'s own batch size.
+    old_style = any(LEGACY_KWARGS[name][0] is DistillationConfig for name in kwargs)
+    updates = {WhitenedConfig: {}, DistillationConfig: {"batch_size": batch_size} if old_style else {}}
     for name, value in kwargs.items():
         cls, field = LEGACY_KWARGS[name]
         if configs[cls] is not None:

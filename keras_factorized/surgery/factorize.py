@@ -141,7 +141,8 @@ def factorize(
         split: how singular values are shared between `A` and `B`.
         whitening: a `WhitenedConfig` (options of `"whitened"`/`"learned"`).
         distillation: a `DistillationConfig` (options of `"learned"`).
-        batch_size: batch size to run array calibration data.
+        batch_size: batch size to run array calibration data (the
+            distillation trains in batches of `distillation.batch_size`).
         seed: seeds every random step (the order of the distillation
             batches); overrides `distillation.seed`. Default: that seed (0).
         verbose: 1 shows progress bars.

@@ -1,8 +1,12 @@
 """The held-out data of `method="learned"`: split, kept-best factors, options."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
+from tiny_models import bert_inputs
+from tiny_models import tiny_bert
 
 from keras_factorized import factorize
 from keras_factorized.surgery import DistillationConfig
@@ -295,3 +299,101 @@ def test_calibration_data_joins_the_training_data():
     for a, b in zip(joined, both):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert any(not np.allclose(a, b) for a, b in zip(joined, alone))
+
+
+def _float_policies(model):
+    from keras_factorized.surgery import walk
+
+    return [layer.dtype_policy.name for _, _, layer, _ in walk.walk(model)]
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_dtype_policy_trains_in_low_precision_and_restores_the_policies(monkeypatch, policy):
+    """Both models compute in the policy during the epochs (the train step's
+    outputs are 16-bit, float16 with a loss-scaling optimizer); afterwards
+    every layer is back to float32, the variables never left it, and the
+    factors learned what float32 training learns."""
+    from keras_factorized.surgery import distillation
+
+    seen = {}
+    real_train = distillation._train
+
+    def recording_train(distiller, inputs, targets, *args, **kwargs):
+        y = distiller(inputs[0])[0]
+        seen["output"] = keras.backend.standardize_dtype(y.dtype)
+        seen["optimizer"] = type(distiller.optimizer).__name__
+        return real_train(distiller, inputs, targets, *args, **kwargs)
+
+    monkeypatch.setattr(distillation, "_train", recording_train)
+    model = _linear_mlp()
+    calibration, data = _shifted_data(3)
+    kwargs = dict(rank=6, calibration_data=calibration, whitening=WhitenedConfig(sequential=False))
+    config = DistillationConfig(data=data, epochs=4, learning_rate=1e-2, batch_size=16)
+    start = factorize(model, method="whitened", **kwargs)
+    full = factorize(model, method="learned", distillation=config, **kwargs)
+    assert seen == {"output": "float32", "optimizer": "Adam"}
+    low = factorize(
+        model, method="learned", distillation=dataclasses.replace(config, dtype_policy=policy),
+        **kwargs,
+    )
+    assert seen["output"] == policy.split("_")[1]
+    assert seen["optimizer"] == ("LossScaleOptimizer" if policy == "mixed_float16" else "Adam")
+    for m in (model, low):
+        assert set(_float_policies(m)) == {"float32"}
+        assert {v.dtype for v in m.weights} == {"float32"}
+    _, held_out, _ = split_held_out(data, config)
+    err_start, err_full, err_low = (_held_out_error(model, m, held_out) for m in (start, full, low))
+    assert err_low < 0.8 * err_start
+    assert err_low < 1.25 * err_full
+
+
+def test_dtype_policies_come_back_when_training_fails(monkeypatch):
+    from keras_factorized.surgery import distillation
+
+    def failing_train(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(distillation, "_train", failing_train)
+    model = _linear_mlp()
+    calibration, data = _shifted_data(4)
+    config = DistillationConfig(data=data, epochs=1, dtype_policy="mixed_bfloat16")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        factorize(model, rank=4, method="learned", calibration_data=calibration,
+                  distillation=config)
+    assert set(_float_policies(model)) == {"float32"} and model.dtype_policy.name == "float32"
+
+
+def test_computing_in_leaves_quantized_layers_alone():
+    from keras_factorized.surgery.distillation import computing_in
+
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(8, name="q"), keras.layers.Dense(4, name="f")]
+    )
+    model.get_layer("q").quantize("int8")
+    before = _float_policies(model)
+    with computing_in([model], "mixed_bfloat16"):
+        assert model.get_layer("q").dtype_policy.name == before[0]
+        assert model.get_layer("f").compute_dtype == "bfloat16"
+        assert keras.backend.standardize_dtype(model(np.ones((2, 8))).dtype) == "bfloat16"
+    assert _float_policies(model) == before
+
+
+@pytest.mark.parametrize("value", ["float16", "bfloat16", "int8", 16])
+def test_invalid_dtype_policy(value):
+    with pytest.raises(ValueError, match="`dtype_policy`.*mixed_bfloat16"):
+        DistillationConfig(dtype_policy=value)
+
+
+def test_dtype_policy_with_token_noise_on_a_tiny_bert():
+    """Token ids stay integers, the original's outputs on the noisy batches
+    are computed in the policy too; the result computes in float32 again."""
+    backbone = tiny_bert(seed=0)
+    x = bert_inputs(48, seed=1)
+    config = DistillationConfig(epochs=1, batch_size=8, dtype_policy="mixed_bfloat16")
+    small = factorize(backbone, param_ratio=0.5, method="learned", calibration_data=x,
+                      distillation=config, include="transformer_layer")
+    assert "15% of the tokens replaced" in " ".join(small.factorization_report.notes)
+    assert set(_float_policies(small)) == {"float32"}
+    out = small(x)["sequence_output"]
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert np.all(np.isfinite(_np(out)))

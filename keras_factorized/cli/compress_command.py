@@ -84,6 +84,7 @@ DISTILLATION_FLAGS = {
         "--distil-on-calibration", dict(action=argparse.BooleanOptionalAction)
     ),
     "token_noise": ("--token-noise", dict(type=_common.auto_or_probability, metavar="RATE")),
+    "dtype_policy": ("--distillation-dtype-policy", {}),  # choices: _add_method_flags
     "validation_data": (
         "--validation-data",
         dict(metavar="DATA", help="held-out model inputs to keep the best factors on, a .npy "
@@ -183,6 +184,10 @@ def _add_method_flags(p) -> None:
     flags["trainable"] = (
         flags["trainable"][0],
         dict(choices=choices, help=_common.choices_help(TRAINABLE_HELP, choices)),
+    )
+    flags["dtype_policy"] = (
+        flags["dtype_policy"][0],
+        dict(choices=surgery.config.DISTILLATION_DTYPE_POLICIES, metavar="POLICY"),
     )
     _common.add_config_flags(p, surgery.DistillationConfig, flags, "learned")
 

@@ -20,6 +20,8 @@ from keras_factorized.validation import is_integer
 from keras_factorized.validation import is_real
 
 DISTILLATION_TRAINABLE = ("factors", "all")
+# Keras's mixed precision: float32 variables, low-precision computations.
+DISTILLATION_DTYPE_POLICIES = ("mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,14 @@ class DistillationConfig:
             hundred, for the cost of running the original model on them.
             `"auto"`: 0.15 for inputs holding token ids, else 0. `0`: the
             inputs as they are, the original's outputs computed once.
+        dtype_policy: a Keras mixed-precision policy, `"mixed_bfloat16"` or
+            `"mixed_float16"`, that the new and the original model compute
+            in during the end-to-end epochs (their variables stay float32,
+            and each layer's own policy is restored afterwards), or `None`:
+            each layer's own. For speed where the hardware computes in 16
+            bits natively (GPUs; CPUs with AVX512-BF16 or AMX for bfloat16);
+            where it does not, it can be slower. `"mixed_float16"` scales
+            the loss (`keras.optimizers.LossScaleOptimizer`).
 
     Example:
 
@@ -171,6 +181,7 @@ class DistillationConfig:
     refit: bool = True
     use_calibration_data: bool = True
     token_noise: Any = "auto"
+    dtype_policy: str | None = None
 
     def __post_init__(self):
         for name, low in (("epochs", 0), ("block_epochs", 0), ("batch_size", 1)):
@@ -198,6 +209,10 @@ class DistillationConfig:
             raise invalid_value("token_noise", '"auto" or a number in [0, 1]', self.token_noise)
         if not is_real(self.validation_split) or not 0 <= self.validation_split < 1:
             raise invalid_value("validation_split", "a number in [0, 1)", self.validation_split)
+        if self.dtype_policy is not None and self.dtype_policy not in DISTILLATION_DTYPE_POLICIES:
+            raise invalid_value(
+                "dtype_policy", f"None or one of {DISTILLATION_DTYPE_POLICIES}", self.dtype_policy
+            )
 
 
 # factorize's keyword arguments before the config objects: name -> (config, field).

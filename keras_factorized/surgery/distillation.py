@@ -87,6 +87,44 @@ def only_trainable(model, layers, train_all=False):
             layer.trainable = trainable
 
 
+@contextlib.contextmanager
+def computing_in(models, policy):
+    """Within the block, every layer of `models` with a float dtype policy
+    computes in `policy` (a name of `config.DISTILLATION_DTYPE_POLICIES`;
+    `None`: nothing changes); the layers' own policies are restored afterwards.
+
+    A built layer's variables keep their dtype: Keras casts them, and the
+    layer's floating inputs, to the policy's compute dtype at each call.
+    Layers with a quantized policy (or a `DTypePolicyMap`) are left as they
+    are.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> with computing_in([model], "mixed_bfloat16"):
+    ...     y = model(np.ones((1, 4)))
+    ...     print(model.layers[0].compute_dtype, keras.backend.standardize_dtype(y.dtype))
+    bfloat16 bfloat16
+    >>> model.layers[0].compute_dtype
+    'float32'
+    """
+    saved = []
+    try:
+        for model in models if policy is not None else ():
+            for layer in [model] + [layer for _, _, layer, _ in walk.walk(model)]:
+                current = layer.dtype_policy
+                if isinstance(current, keras.dtype_policies.DTypePolicyMap) or (
+                    current.quantization_mode is not None
+                ):
+                    continue
+                saved.append((layer, current))
+                layer.dtype_policy = policy
+        yield
+    finally:
+        for layer, current in reversed(saved):
+            layer.dtype_policy = current
+
+
 class Deadline:
     """`expired()` once `seconds` have passed since it was made (never for `None`)."""
 
@@ -265,7 +303,7 @@ def _evaluation(student, teacher, config, inputs):
     (`_mean_loss(*evaluation)`); the teacher's outputs are computed once,
     here."""
     targets, _ = _teacher_outputs(teacher, inputs, config.outputs)
-    distiller = _Distiller(student, config.outputs, name="held_out")
+    distiller = _Distiller(student, config.outputs, name="held_out", dtype=config.dtype_policy)
     distiller.compile(loss=output_losses(config.loss, targets[0]))
     return distiller, inputs, targets
 
@@ -284,7 +322,8 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
     data, the loss on the model outputs there is measured before training and
     after each epoch, and `layers` end with the weights of the best of these
     points: distillation never returns factors worse, on that data, than
-    those it started from.
+    those it started from. With `config.dtype_policy`, both models compute
+    in that policy meanwhile (`computing_in`).
 
     Args:
         student: the factorized model (trained in place).
@@ -301,6 +340,11 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
         A `Distilled`: the training and held-out losses, the token noise
         rate and the output losses used.
     """
+    with computing_in([student, teacher], config.dtype_policy):
+        return _distill(student, teacher, config, layers, data, verbose, validation, block_paths)
+
+
+def _distill(student, teacher, config, layers, data, verbose, validation, block_paths):
     block_paths = list(block_paths) if config.block_weight else []
     inputs = filled_batches(list(batches(data, config.batch_size, name="distillation_data")))
     teacher_blocks = [walk.navigate(teacher, p) for p in block_paths]
@@ -314,7 +358,9 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
     losses = output_losses(config.loss, targets[0])
     with only_trainable(student, layers, config.trainable == "all"):
         blocks = [walk.navigate(student, p) for p in block_paths]
-        distiller = _Distiller(student, config.outputs, blocks, name="distiller")
+        distiller = _Distiller(
+            student, config.outputs, blocks, name="distiller", dtype=config.dtype_policy
+        )
         distiller.compile(
             optimizer=_optimizer(config.learning_rate, max(1, config.epochs * len(inputs))),
             loss=losses,
@@ -331,7 +377,9 @@ class _NoisyBatches:
     teacher's outputs on it, computed by a compiled predict step."""
 
     def __init__(self, teacher, teacher_blocks, config, rate):
-        self.predictor = _Distiller(teacher, config.outputs, teacher_blocks, name="teacher")
+        self.predictor = _Distiller(
+            teacher, config.outputs, teacher_blocks, name="teacher", dtype=config.dtype_policy
+        )
         self.rate = rate
         self.rng = np.random.default_rng([config.seed, 2])
 

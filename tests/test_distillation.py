@@ -337,6 +337,8 @@ def test_dtype_policy_trains_in_low_precision_and_restores_the_policies(monkeypa
         **kwargs,
     )
     assert seen["output"] == policy.split("_")[1]
+    assert f"; computed in {policy})" in " ".join(low.factorization_report.notes)
+    assert "computed in" not in " ".join(full.factorization_report.notes)
     assert seen["optimizer"] == ("LossScaleOptimizer" if policy == "mixed_float16" else "Adam")
     for m in (model, low):
         assert set(_float_policies(m)) == {"float32"}

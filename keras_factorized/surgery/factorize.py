@@ -370,9 +370,12 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
     )
     rate = distilled.token_noise
     noise = f"; {rate:.0%} of the tokens replaced at every step" if rate else ""
+    policy = distillation.dtype_policy
+    precision = f"; computed in {policy}" if policy else ""
     report.notes.append(
         f"distillation loss ({distillation_lib.loss_label(distilled.losses)} to the original "
-        f"outputs{blocks}{noise}) per epoch: " + ", ".join(f"{h:.4g}" for h in distilled.history)
+        f"outputs{blocks}{noise}{precision}) per epoch: "
+        + ", ".join(f"{h:.4g}" for h in distilled.history)
     )
     held_losses = distilled.held_out
     if held_losses:

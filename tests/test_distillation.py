@@ -399,3 +399,51 @@ def test_dtype_policy_with_token_noise_on_a_tiny_bert():
     out = small(x)["sequence_output"]
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
     assert np.all(np.isfinite(_np(out)))
+
+
+@pytest.mark.parametrize(
+    "losses, kept",
+    [
+        ([1.0, float("nan"), 0.5, float("nan")], 2),  # a diverged epoch is never kept
+        ([1.0, float("nan"), float("nan"), float("nan")], 0),  # nor compared as a minimum
+        ([float("nan"), 2.0, 3.0, 2.0], 3),  # a nan start loses to any number; ties: later
+        ([1.0, 1.5, 0.7, 0.9], 2),
+    ],
+)
+def test_the_kept_epoch_is_the_lowest_finite_held_out_loss(monkeypatch, losses, kept):
+    """What `distill` keeps and what the report says it kept are one epoch,
+    whatever the held-out losses (`np.argmin` would pick a nan)."""
+    from keras_factorized.surgery import distillation
+
+    queue = list(losses)
+    monkeypatch.setattr(distillation, "_mean_loss", lambda *a: queue.pop(0))
+    after_epoch = []  # one step per epoch: the weights after each
+    real_train = distillation._train
+
+    def recording_train(distiller, *args, **kwargs):
+        real_step = distiller.train_on_batch
+
+        def step(*a, **k):
+            out = real_step(*a, **k)
+            after_epoch.append([np.array(_np(v)) for v in distiller.student.trainable_weights])
+            return out
+
+        distiller.train_on_batch = step
+        return real_train(distiller, *args, **kwargs)
+
+    monkeypatch.setattr(distillation, "_train", recording_train)
+    model = _linear_mlp()
+    calibration, data = _shifted_data(5)
+    config = DistillationConfig(data=data, epochs=3, batch_size=256, refit=False,
+                                use_calibration_data=False, validation_data=calibration[:8])
+    kwargs = dict(rank=4, calibration_data=calibration)
+    start = factorize(model, method="whitened", **kwargs)
+    small = factorize(model, method="learned", distillation=config, **kwargs)
+    assert not queue and len(after_epoch) == 3
+    note = small.factorization_report.notes[-1]
+    assert note.endswith("the start" if kept == 0 else f"epoch {kept}")
+    expected = (
+        [_np(v) for v in start.trainable_weights] if kept == 0 else after_epoch[kept - 1]
+    )
+    for a, b in zip(expected, small.trainable_weights, strict=True):
+        np.testing.assert_array_equal(a, _np(b))

@@ -183,12 +183,15 @@ class Distilled(NamedTuple):
             (`config.token_noise` with `"auto"` resolved; 0: none).
         losses: the loss of each reproduced model output (`output_losses`
             with `"auto"` resolved), block outputs not included.
+        kept: the index in `held_out` of the weights kept (0: the start;
+            `None` without validation data: the last epoch's).
     """
 
     history: list
     held_out: list
     token_noise: float
     losses: list
+    kept: int | None = None
 
 
 def _mean_loss(distiller, inputs, targets):
@@ -367,8 +370,8 @@ def _distill(student, teacher, config, layers, data, verbose, validation, block_
             loss_weights=_loss_weights(config, targets[0], n_blocks) if n_blocks else None,
         )
         held = _evaluation(student, teacher, config, held_inputs) if held_inputs else None
-        history, held_out = _train(distiller, inputs, targets, config, held, verbose, noisy)
-    return Distilled(history, held_out, rate, losses[: len(losses) - n_blocks])
+        history, held_out, kept = _train(distiller, inputs, targets, config, held, verbose, noisy)
+    return Distilled(history, held_out, rate, losses[: len(losses) - n_blocks], kept)
 
 
 class _NoisyBatches:
@@ -389,13 +392,14 @@ class _NoisyBatches:
 
 
 def _train(distiller, inputs, targets, config, held, verbose, noisy=None):
-    """The epochs of `distill`; `held` is `(evaluator, inputs, targets)` or
-    `None`; `noisy` a `_NoisyBatches` or `None`."""
-    history, held_out = [], []
+    """The epochs of `distill`: `(history, held_out, kept)` as in
+    `Distilled`; `held` is `(evaluator, inputs, targets)` or `None`; `noisy`
+    a `_NoisyBatches` or `None`."""
+    history, held_out, kept = [], [], None
     trained = distiller.trainable_weights
     if held is not None:
         held_out.append(_mean_loss(*held))
-        best = [np.array(to_numpy(v)) for v in trained]
+        best, kept = [np.array(to_numpy(v)) for v in trained], 0
     progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
     rng = np.random.default_rng(config.seed)
     deadline = Deadline(config.time_budget)
@@ -411,11 +415,12 @@ def _train(distiller, inputs, targets, config, held, verbose, noisy=None):
         history.append(float(np.mean(losses)))
         if held is not None:
             held_out.append(_mean_loss(*held))
-            if held_out[-1] <= min(held_out[:-1]):
-                best = [np.array(to_numpy(v)) for v in trained]
+            # A diverged epoch (nan) is never kept; a nan start always loses.
+            if np.isfinite(held_out[-1]) and not held_out[-1] > held_out[kept]:
+                best, kept = [np.array(to_numpy(v)) for v in trained], len(held_out) - 1
         if deadline.expired():
             break
     if held is not None:
         for variable, value in zip(trained, best):
             variable.assign(value)
-    return history, held_out
+    return history, held_out, kept

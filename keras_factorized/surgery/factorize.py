@@ -377,13 +377,12 @@ def _learn(new_model, model, targets, report, distillation, data, held_out, verb
         f"outputs{blocks}{noise}{precision}) per epoch: "
         + ", ".join(f"{h:.4g}" for h in distilled.history)
     )
-    held_losses = distilled.held_out
-    if held_losses:
-        best = int(np.argmin(held_losses))
+    if distilled.held_out:
+        kept = distilled.kept
         report.notes.append(
             f"held-out loss ({held_out[1]}) before and after each epoch: "
-            + ", ".join(f"{h:.4g}" for h in held_losses)
-            + f"; kept the factors of {'the start' if best == 0 else f'epoch {best}'}"
+            + ", ".join(f"{h:.4g}" for h in distilled.held_out)
+            + f"; kept the factors of {'the start' if kept == 0 else f'epoch {kept}'}"
         )
     _refresh_rows(new_model, targets, report, "learned")
 

@@ -61,7 +61,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bert_leve
 # whatever the defaults become.
 _BEFORE = dict(epochs=6, block_weight=0.0, refit=False, use_calibration_data=False,
                token_noise=0.0, trainable="factors")
-# Every `learned` row but 8 ran at the then default batch size.
+# Every `learned` row up to 29 but 8 ran at the then default batch size.
 _BATCH_16 = dict(batch_size=16)
 # The ladder of rows 10-16 ran at the then default peak rate, 2e-4.
 _LADDER = dict(_BEFORE, learning_rate=2e-4, **_BATCH_16)
@@ -316,7 +316,7 @@ def render(rows, carried=()) -> str:
             "session), row 28 until they were weighted 8 (`--only 8` then, its JSON "
             "re-indexed), row 29 until the batches had 8 reviews instead of 16 "
             "(`--only 28` run before the block weight's default changed, re-indexed "
-            "twice; every `learned` row but 8 ran batches of 16; rows 8 and 29 ran hours "
+            "twice; every `learned` row up to 29 but 8 ran batches of 16; rows 8 and 29 ran hours "
             "apart). Rows 8, 28 and 29 were timed after a `learned` call with "
             "distillation data refitted once, on the calibration and distillation "
             "reviews together (it refitted on the calibration reviews first, then on "

@@ -94,6 +94,12 @@ def test_report_lists_every_selected_layer():
     assert rows["head"].rank is None and "would not save" in rows["head"].note
     text = str(report)
     assert "d1" in text and "kept" in text
+    # A kept layer has no factors, so no weight error: "-", not "0.000".
+    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    column = lines["layer"].index("weight err")
+    weight_err = {k: lines[k][column : column + len("weight err")].strip() for k in rows}
+    assert weight_err == {"d1": f"{rows['d1'].weight_error:.3f}",
+                          "d2": f"{rows['d2'].weight_error:.3f}", "head": "-"}
     as_dict = report.to_dict()
     assert as_dict["params_before"] == report.params_before
     assert len(as_dict["layers"]) == 3

@@ -56,7 +56,8 @@ class LayerFactorization:
         rank: the rank kept, or `None` when the layer was left as it is.
         params_before: weights of the original layer (kernel and bias).
         params_after: weights of the layer in the new model.
-        weight_error: relative Frobenius error `||W - A B|| / ||W||`.
+        weight_error: relative Frobenius error `||W - A B|| / ||W||` (0 for a
+            layer kept; the text and Markdown tables show `-`).
         output_error: relative error of the layer's outputs on the calibration
             data, `||Y' - Y|| / ||Y||` (`None` without calibration data).
         replacement: class name of the new layer, or `None` when kept.
@@ -200,7 +201,7 @@ class FactorizationReport:
                     r.allocation,
                     f"{r.params_before:,}",
                     f"{r.params_after:,}",
-                    f"{r.weight_error:.3f}",
+                    "-" if r.rank is None else f"{r.weight_error:.3f}",
                     "-" if r.output_error is None else f"{r.output_error:.3f}",
                     r.note,
                 ]

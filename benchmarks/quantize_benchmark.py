@@ -52,6 +52,7 @@ from benchmarks.report import markdown_table  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
 from keras_factorized.layers import factor_quantization  # noqa: E402
+from keras_factorized.spectrum import stored_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "aclImdb_v1.tar.gz")
@@ -68,10 +69,6 @@ def log(message):
 
 # ----------------------------------------------------------------------
 # Sizes
-
-
-def variable_bytes(variables) -> int:
-    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
 
 
 def export_sizes(model, example, tflite_optimize=False) -> dict:
@@ -143,7 +140,7 @@ def measure_imdb_model(model, arrays, example, name) -> dict:
         log(f"{name} {precision}: accuracy and sizes")
         result[precision] = {
             "test_accuracy": example.accuracy(model, arrays),
-            "embedding_bytes": variable_bytes(embedding.weights),
+            "embedding_bytes": stored_bytes(embedding),
             **export_sizes(model, example, tflite_optimize=precision == "float32"),
         }
         log(f"{name} {precision}: {result[precision]}")
@@ -297,15 +294,15 @@ def run_bert(args) -> dict:
     calibration = bert.tokenize(preprocessor, cal_texts)
     evaluation = bert.tokenize(preprocessor, eval_texts)
     reference = bert.sentence_embeddings(backbone, evaluation)
-    float_bytes = variable_bytes(backbone.weights)
+    float_bytes = stored_bytes(backbone)
 
     def row(name, model):
         cosine = bert.mean_cosine(bert.sentence_embeddings(model, evaluation), reference)
         qkv = [layer for layer in model._flatten_layers()
                if layer.name in ("query", "key", "value") and not layer._flatten_layers(
                    include_self=False)]
-        result = {"model": name, "cosine": cosine, "bytes": variable_bytes(model.weights),
-                  "qkv_bytes": variable_bytes([w for layer in qkv for w in layer.weights])}
+        result = {"model": name, "cosine": cosine, "bytes": stored_bytes(model),
+                  "qkv_bytes": sum(stored_bytes(layer) for layer in qkv)}
         log(f"{name}: {result}")
         return result
 

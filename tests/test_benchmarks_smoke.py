@@ -264,3 +264,52 @@ def test_bert_levers_render_carries_rows_without_their_json(tmp_path):
     assert section_table("bert-levers", path)[1] == lines[1].strip("| ").split(" | ")
     assert bert_levers.render([], section_table("bert-levers", path)) == text
     assert section_table("missing", path) == []
+
+
+def test_distill_variants_train_each_variant_from_the_same_factors():
+    """Two equal variants score the same (each restarts from the snapshot,
+    and distillation is deterministic); other options score otherwise; a
+    batch-size variant re-cuts the batches; `distill` is restored."""
+    from tiny_models import bert_inputs
+    from tiny_models import tiny_bert
+
+    from benchmarks.distill_variants import run_variants
+    from keras_factorized.surgery import DistillationConfig
+    from keras_factorized.surgery import distillation
+
+    real_distill = distillation.distill
+    backbone, probe = tiny_bert(seed=0), bert_inputs(8, seed=2)
+    reference = keras.ops.convert_to_numpy(backbone(probe)["sequence_output"])
+    seen_batches = []
+
+    def score(student):
+        out = keras.ops.convert_to_numpy(student(probe)["sequence_output"])
+        return float(np.mean(np.abs(out - reference)))
+
+    kwargs = dict(param_ratio=0.5, method="learned", calibration_data=bert_inputs(48, seed=1),
+                  include="transformer_layer",
+                  distillation=DistillationConfig(data=bert_inputs(32, seed=3), epochs=1,
+                                                  batch_size=8, validation_split=0))
+    variants = [{}, {"learning_rate": 1e-2}, {}, {"batch_size": 4}]
+    results = run_variants(backbone, kwargs, variants, score, log=seen_batches.append)
+    assert [r["changes"] for r in results] == variants
+    scores = [r["score"] for r in results]
+    assert scores[0] == scores[2]
+    assert scores[1] != scores[0] and scores[3] != scores[0]
+    assert len(seen_batches) == 4 and distillation.distill is real_distill
+
+
+@pytest.mark.parametrize(
+    "text, changes",
+    [("defaults", {}), ("seed=1", {"seed": 1}),
+     ("batch_size=4, dtype_policy=mixed_bfloat16", {"batch_size": 4, "dtype_policy": "mixed_bfloat16"}),
+     ("jit=1", None), ("epochs", None), ("data=1", None), ("epochs=-1", None)],
+)
+def test_distill_variants_parse_config_fields_only(text, changes):
+    from benchmarks.distill_variants import parse_variant
+
+    if changes is None:
+        with pytest.raises(ValueError, match="epochs|variant"):
+            parse_variant(text)
+    else:
+        assert parse_variant(text) == changes

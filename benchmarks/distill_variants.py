@@ -13,8 +13,9 @@ reviews); its call to `distillation.distill` is replaced by one that runs
 the real `distill` once per variant, each from the same snapshot of the
 factors, on the same training and held-out data, and scores each result as
 `bert_levers` does (mean cosine of the mean-pooled sentence embeddings to
-the original's, 256 IMDB test reviews). The held-out split and the refit
-happen before `distill`, with the defaults' seed: a `seed=` variant changes
+the original's, 256 IMDB test reviews). What `factorize` does before
+`distill` (the held-out split, the refit, block-wise epochs) is the same for
+every variant, so those options cannot vary, and a `seed=` variant changes
 the order of the batches and the token noise only. Times are those of
 `distill` alone and compare only within one run. Results go to
 `benchmarks/out/distill_variants/<stamp>.json` and are printed as a table.
@@ -43,6 +44,11 @@ from keras_factorized.atomic_io import write_text  # noqa: E402
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "distill_variants")
 
 
+# Options `factorize` applies before it calls `distill`: the same for every variant.
+BEFORE_DISTILL = {"data", "refit", "use_calibration_data", "validation_split",
+                  "validation_data", "block_epochs"}
+
+
 class _Done(Exception):
     """Raised after the last variant: the rest of `factorize` is not needed."""
 
@@ -61,7 +67,7 @@ def parse_variant(text: str) -> dict:
 
     if text.strip() == "defaults":
         return {}
-    fields = {f.name for f in dataclasses.fields(DistillationConfig)} - {"data"}
+    fields = {f.name for f in dataclasses.fields(DistillationConfig)} - BEFORE_DISTILL
     changes = {}
     for item in text.split(","):
         name, sep, value = (part.strip() for part in item.partition("="))
@@ -77,6 +83,13 @@ def parse_variant(text: str) -> dict:
             changes[name] = value  # a bare word: a string option
     DistillationConfig(**changes)  # the config's own checks, before any work
     return changes
+
+
+def _variant_argument(text: str) -> dict:
+    try:
+        return parse_variant(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _rebatched(data, config, batch_size):
@@ -145,10 +158,10 @@ def render(results, reference) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("variants", nargs="+", type=parse_variant,
+    parser.add_argument("variants", nargs="+", type=_variant_argument,
                         help='DistillationConfig changes, "field=value,..." or "defaults"')
     parser.add_argument("--data", default=None, help="the IMDB archive or folder")
-    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--out", default=OUT, help="folder of the JSON results")
     args = parser.parse_args(argv)
     from benchmarks import bert_levers
     from benchmarks.bert_benchmark import DEFAULT_DATA

@@ -303,7 +303,8 @@ def test_distill_variants_train_each_variant_from_the_same_factors():
     "text, changes",
     [("defaults", {}), ("seed=1", {"seed": 1}),
      ("batch_size=4, dtype_policy=mixed_bfloat16", {"batch_size": 4, "dtype_policy": "mixed_bfloat16"}),
-     ("jit=1", None), ("epochs", None), ("data=1", None), ("epochs=-1", None)],
+     ("jit=1", None), ("epochs", None), ("data=1", None), ("refit=False", None),
+     ("epochs=-1", None)],
 )
 def test_distill_variants_parse_config_fields_only(text, changes):
     from benchmarks.distill_variants import parse_variant

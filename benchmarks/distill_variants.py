@@ -147,7 +147,7 @@ def run_variants(model, factorize_kwargs, variants, score, log=print):
 def render(results, reference) -> str:
     rows = [
         [", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "defaults",
-         f"{r['score']:.5f}", f"{r['score'] - reference:+.5f}", f"{r['held_out'][-1]:.4f}",
+         f"{r['score']:.5f}", f"{r['score'] - reference:+.5f}", f"{r['held_out'][-1]:.4f}" if r["held_out"] else "-",
          f"{r['seconds']:.0f}"]
         for r in results
     ]

@@ -273,6 +273,7 @@ def test_distill_variants_train_each_variant_from_the_same_factors():
     from tiny_models import bert_inputs
     from tiny_models import tiny_bert
 
+    from benchmarks.distill_variants import render
     from benchmarks.distill_variants import run_variants
     from keras_factorized.surgery import DistillationConfig
     from keras_factorized.surgery import distillation
@@ -297,6 +298,10 @@ def test_distill_variants_train_each_variant_from_the_same_factors():
     assert scores[0] == scores[2]
     assert scores[1] != scores[0] and scores[3] != scores[0]
     assert len(seen_batches) == 4 and distillation.distill is real_distill
+    table = render(results, scores[0]).splitlines()
+    assert len(table) == 2 + 4 and table[2].startswith("| defaults | ")
+    assert table[2].split(" | ")[2:4] == ["+0.00000", "-"]  # nothing held out
+    assert table[3].startswith("| learning_rate=0.01 | ")
 
 
 @pytest.mark.parametrize(

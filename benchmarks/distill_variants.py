@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import time
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -115,12 +116,13 @@ def run_variants(model, factorize_kwargs, variants, score, log=print):
     """
     from keras_factorized import factorize
     from keras_factorized.surgery import distillation
+    from keras_factorized.surgery.calibration import to_numpy
 
     real_distill, results = distillation.distill, []
 
     def each_variant(student, teacher, config, layers, data, verbose=0, validation=None,
                      block_paths=()):
-        start = [np.array(keras.ops.convert_to_numpy(v)) for v in student.weights]
+        start = [np.array(to_numpy(v)) for v in student.weights]
         for changes in variants:
             for variable, value in zip(student.weights, start):
                 variable.assign(value)
@@ -135,12 +137,8 @@ def run_variants(model, factorize_kwargs, variants, score, log=print):
             log(f"{changes or 'defaults'}: {results[-1]['score']:.5f} ({seconds:.0f} s)")
         raise _Done
 
-    with contextlib.suppress(_Done):
-        distillation.distill = each_variant
-        try:
-            factorize(model, **factorize_kwargs)
-        finally:
-            distillation.distill = real_distill
+    with contextlib.suppress(_Done), mock.patch.object(distillation, "distill", each_variant):
+        factorize(model, **factorize_kwargs)
     return results
 
 

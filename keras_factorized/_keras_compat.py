@@ -44,6 +44,21 @@ def rebuild_sequential(model) -> None:
     model._maybe_rebuild()
 
 
+def symbolic_build(model, x, y) -> None:
+    """Builds the state of a compiled `model` (its compiled loss's trackers,
+    its optimizer's slots) from one batch `(x, y)`, without computing it.
+
+    On TensorFlow without a distribution strategy, `train_on_batch` and
+    `test_on_batch` leave this to the first trace of the step; TensorFlow
+    then traces the step a second time, without the variable creation: on a
+    tiny BERT, 4 of the 11 seconds of compiling a distillation train step.
+
+    Checked: Keras 3.10.0, 3.15.1 (`Trainer._symbolic_build(data_batch=...)`,
+    private; what `fit` runs first).
+    """
+    model._symbolic_build(data_batch=(x, y))
+
+
 def flatten_layers(layer, include_self=False, recursive=True):
     """Every sub-layer of `layer` tracked by Keras, each once.
 

@@ -276,6 +276,37 @@ def test_sequential_refit_runs_once(monkeypatch, refit):
     assert "sequential refit" in small.factorization_report.output_errors
 
 
+def test_each_step_is_compiled_once_per_call(monkeypatch):
+    """One `learned` call with a held-out split and a refit measures the
+    held-out loss before and after the refit and at every epoch, with one
+    compiled evaluation step (the teacher's held-out outputs computed once),
+    and trains with one compiled train step: each traced once. (On
+    TensorFlow, state created inside the first trace made it trace twice.)"""
+    from keras_factorized.surgery import distillation
+
+    traced = {"train_step": 0, "test_step": 0}
+
+    def counting(name):
+        real = getattr(keras.Model, name)
+
+        def step(self, *args, **kwargs):
+            traced[name] += 1
+            return real(self, *args, **kwargs)
+
+        return step
+
+    for name in traced:
+        monkeypatch.setattr(distillation._Distiller, name, counting(name), raising=False)
+    calibration, data = _shifted_data(6)
+    config = DistillationConfig(data=data, epochs=2, batch_size=16)
+    small = factorize(_linear_mlp(), rank=6, method="learned", calibration_data=calibration,
+                      distillation=config)
+    notes = " ".join(small.factorization_report.notes)
+    assert "sequential refit on the calibration and distillation data held-out" in notes
+    assert "before and after each epoch" in notes
+    assert traced == {"train_step": 1, "test_step": 1}
+
+
 def test_calibration_data_joins_the_training_data():
     # Batches of the calibration data, then of `data`: the same batches as
     # `data` holding both (both sizes are multiples of the batch size).
@@ -305,6 +336,11 @@ def _float_policies(model):
     from keras_factorized.surgery import walk
 
     return [layer.dtype_policy.name for _, _, layer, _ in walk.walk(model)]
+
+
+def _held_out_losses(model):
+    (note,) = [n for n in model.factorization_report.notes if "before and after each" in n]
+    return note.split(": ")[1].split(";")[0].split(", ")
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
@@ -338,6 +374,9 @@ def test_dtype_policy_trains_in_low_precision_and_restores_the_policies(monkeypa
     )
     assert seen["output"] == policy.split("_")[1]
     assert f"; computed in {policy})" in " ".join(low.factorization_report.notes)
+    # The held-out losses are measured in float32 (comparable with each
+    # other and with a float32 run's): the same start, the same number.
+    assert _held_out_losses(low)[0] == _held_out_losses(full)[0]
     assert "computed in" not in " ".join(full.factorization_report.notes)
     assert seen["optimizer"] == ("LossScaleOptimizer" if policy == "mixed_float16" else "Adam")
     for m in (model, low):

@@ -155,7 +155,8 @@ class DistillationConfig:
         dtype_policy: a Keras mixed-precision policy, `"mixed_bfloat16"` or
             `"mixed_float16"`, that the new and the original model compute
             in during the end-to-end epochs (their variables stay float32,
-            and each layer's own policy is restored afterwards), or `None`:
+            and each layer's own policy is restored afterwards; the held-out
+            losses are measured in the layers' own policies), or `None`:
             each layer's own. For speed where the hardware computes in 16
             bits natively (GPUs; CPUs with AVX512-BF16 or AMX for bfloat16);
             where it does not, it can be slower. `"mixed_float16"` scales

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from keras_factorized import _keras_compat
 from keras_factorized.surgery import augmentation
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
@@ -300,21 +301,41 @@ def filled_batches(inputs):
     ]
 
 
-def _evaluation(student, teacher, config, inputs):
-    """`(distiller, inputs, targets)` measuring the loss of `student`'s
-    outputs to `teacher`'s on the batches `inputs`
-    (`_mean_loss(*evaluation)`); the teacher's outputs are computed once,
-    here."""
-    targets, _ = _teacher_outputs(teacher, inputs, config.outputs)
-    distiller = _Distiller(student, config.outputs, name="held_out", dtype=config.dtype_policy)
-    distiller.compile(loss=output_losses(config.loss, targets[0]))
-    return distiller, inputs, targets
+class HeldOutLoss:
+    """The distillation loss of `student` to `teacher` on held-out inputs,
+    measured as often as needed (`loss()`): the teacher's outputs are computed
+    and the evaluation step is compiled once, when it is made.
 
+    It computes in each layer's own dtype policy, whatever policy the
+    training runs in, so that losses measured before, during and after a
+    low-precision distillation compare.
 
-def held_out_loss(student, teacher, config, data) -> float:
-    """The distillation loss of `student` to `teacher` on `data` (no training)."""
-    inputs = list(batches(data, config.batch_size))
-    return _mean_loss(*_evaluation(student, teacher, config, inputs))
+    Args:
+        student: the model whose loss is measured (its weights may change
+            between two measurements).
+        teacher: the original model.
+        config: a `DistillationConfig` (its `outputs`, `loss`, `batch_size`).
+        data: the held-out model inputs.
+    """
+
+    def __init__(self, student, teacher, config, data):
+        self.student, self.data = student, data
+        self.key = (config.outputs, config.loss, config.batch_size)
+        inputs = list(batches(data, config.batch_size))
+        targets, _ = _teacher_outputs(teacher, inputs, config.outputs)
+        self.evaluator = _Distiller(student, config.outputs, name="held_out")
+        self.evaluator.compile(loss=output_losses(config.loss, targets[0]))
+        _keras_compat.symbolic_build(self.evaluator, inputs[0], targets[0])
+        self.inputs, self.targets = inputs, targets
+
+    def measures(self, student, config) -> bool:
+        """Whether this measures `student`'s loss as `config` defines it."""
+        return student is self.student and self.key == (
+            config.outputs, config.loss, config.batch_size
+        )
+
+    def loss(self) -> float:
+        return _mean_loss(self.evaluator, self.inputs, self.targets)
 
 
 def distill(student, teacher, config, layers, data, verbose=0, validation=None, block_paths=()):
@@ -335,7 +356,8 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
         layers: the layers of `student` to train.
         data: the model inputs (`config.data` or the calibration data).
         verbose: 1 shows a progress bar.
-        validation: held-out model inputs, or `None`.
+        validation: held-out model inputs, a `HeldOutLoss` on them (reused
+            when it measures `student` as `config` does), or `None`.
         block_paths: paths of the blocks (in both models) whose outputs are
             reproduced as well.
 
@@ -343,11 +365,19 @@ def distill(student, teacher, config, layers, data, verbose=0, validation=None, 
         A `Distilled`: the training and held-out losses, the token noise
         rate and the output losses used.
     """
+    if isinstance(validation, HeldOutLoss) and not validation.measures(student, config):
+        validation = validation.data
+    if validation is not None and not isinstance(validation, HeldOutLoss):
+        validation = HeldOutLoss(student, teacher, config, validation)
+    # Measured (and so compiled) before the policy changes: in the layers' own.
+    start = validation.loss() if validation is not None else None
     with computing_in([student, teacher], config.dtype_policy):
-        return _distill(student, teacher, config, layers, data, verbose, validation, block_paths)
+        return _distill(
+            student, teacher, config, layers, data, verbose, (validation, start), block_paths
+        )
 
 
-def _distill(student, teacher, config, layers, data, verbose, validation, block_paths):
+def _distill(student, teacher, config, layers, data, verbose, held, block_paths):
     block_paths = list(block_paths) if config.block_weight else []
     inputs = filled_batches(list(batches(data, config.batch_size, name="distillation_data")))
     teacher_blocks = [walk.navigate(teacher, p) for p in block_paths]
@@ -357,7 +387,6 @@ def _distill(student, teacher, config, layers, data, verbose, validation, block_
     cached = inputs[:1] if rate else inputs
     targets, n_blocks = _teacher_outputs(teacher, cached, config.outputs, teacher_blocks)
     noisy = _NoisyBatches(teacher, teacher_blocks, config, rate) if rate else None
-    held_inputs = list(batches(validation, config.batch_size)) if validation is not None else []
     losses = output_losses(config.loss, targets[0])
     with only_trainable(student, layers, config.trainable == "all"):
         blocks = [walk.navigate(student, p) for p in block_paths]
@@ -369,7 +398,7 @@ def _distill(student, teacher, config, layers, data, verbose, validation, block_
             loss=losses,
             loss_weights=_loss_weights(config, targets[0], n_blocks) if n_blocks else None,
         )
-        held = _evaluation(student, teacher, config, held_inputs) if held_inputs else None
+        _keras_compat.symbolic_build(distiller, inputs[0], targets[0])
         history, held_out, kept = _train(distiller, inputs, targets, config, held, verbose, noisy)
     return Distilled(history, held_out, rate, losses[: len(losses) - n_blocks], kept)
 
@@ -393,12 +422,13 @@ class _NoisyBatches:
 
 def _train(distiller, inputs, targets, config, held, verbose, noisy=None):
     """The epochs of `distill`: `(history, held_out, kept)` as in
-    `Distilled`; `held` is `(evaluator, inputs, targets)` or `None`; `noisy`
-    a `_NoisyBatches` or `None`."""
+    `Distilled`; `held` is `(HeldOutLoss, its loss at the start)` or
+    `(None, None)`; `noisy` a `_NoisyBatches` or `None`."""
     history, held_out, kept = [], [], None
     trained = distiller.trainable_weights
+    held, start = held
     if held is not None:
-        held_out.append(_mean_loss(*held))
+        held_out.append(start)
         best, kept = [np.array(to_numpy(v)) for v in trained], 0
     progbar = keras.utils.Progbar(config.epochs * len(inputs), verbose=verbose)
     rng = np.random.default_rng(config.seed)
@@ -414,7 +444,7 @@ def _train(distiller, inputs, targets, config, held, verbose, noisy=None):
                 break
         history.append(float(np.mean(losses)))
         if held is not None:
-            held_out.append(_mean_loss(*held))
+            held_out.append(held.loss())
             # A diverged epoch (nan) is never kept; a nan start always loses.
             if np.isfinite(held_out[-1]) and not held_out[-1] > held_out[kept]:
                 best, kept = [np.array(to_numpy(v)) for v in trained], len(held_out) - 1

@@ -263,9 +263,13 @@ def _refine(call, new_model, targets, report, verbose):
     if distillation is not None:
         # Held out of the training data, and new to the whitened start (which
         # was fitted to the calibration data in closed form).
-        train, *held_out = distillation_lib.split_held_out(
+        train, held, description = distillation_lib.split_held_out(
             data if distillation.data is None else distillation.data, distillation
         )
+        # One measure of the held-out loss for every step that keeps the best.
+        if held is not None:
+            held = distillation_lib.HeldOutLoss(new_model, call.model, distillation, held)
+        held_out = [held, description]
     if sequential_refit:
         # With distillation data, the refit runs once, on both data: a refit
         # on the calibration data alone first would have each layer fitted
@@ -349,7 +353,8 @@ def _check_arguments(
 def _learn(new_model, model, targets, report, distillation, data, held_out, verbose):
     """Distils the factors of `new_model`; updates the report's rows.
 
-    `held_out` is `[inputs, description]` (`[None, None]`: nothing held out).
+    `held_out` is `[HeldOutLoss, description]` (`[None, None]`: nothing held
+    out).
     """
     factorized = [t for t in targets if t.rank is not None]
     layers = [walk.navigate(new_model, t.path) for t in factorized]
@@ -405,17 +410,17 @@ def _blockwise(new_model, model, targets, report, distillation, data, held_out, 
 
 def _keep_if_better(step, label, new_model, model, targets, distillation, held_out, report):
     """Runs `step()` (which changes the factors of `new_model`) and undoes it
-    when it raises the loss on the held-out inputs `held_out[0]`."""
+    when it raises the held-out loss `held_out[0]` (a `HeldOutLoss`)."""
     validation, held = held_out
     layers = [walk.navigate(new_model, t.path) for t in targets if t.rank is not None]
     saved = [[np.array(calibration.to_numpy(v)) for v in layer.weights] for layer in layers]
     before = None
     if validation is not None:
-        before = distillation_lib.held_out_loss(new_model, model, distillation, validation)
+        before = validation.loss()
     step()
     if before is None:
         return
-    after = distillation_lib.held_out_loss(new_model, model, distillation, validation)
+    after = validation.loss()
     kept = after <= before
     if not kept:
         for layer, values in zip(layers, saved):

@@ -277,34 +277,38 @@ def test_sequential_refit_runs_once(monkeypatch, refit):
 
 
 def test_each_step_is_compiled_once_per_call(monkeypatch):
-    """One `learned` call with a held-out split and a refit measures the
-    held-out loss before and after the refit and at every epoch, with one
-    compiled evaluation step (the teacher's held-out outputs computed once),
-    and trains with one compiled train step: each traced once. (On
-    TensorFlow, state created inside the first trace made it trace twice.)"""
+    """One `learned` call with a held-out split, a refit and block-wise
+    epochs measures the held-out loss before and after the refit, the
+    block-wise pass and every epoch with one compiled evaluation step (the
+    teacher's held-out outputs computed once), and trains with one compiled
+    train step, and one per block: each traced once. (On TensorFlow, state
+    created inside the first trace made it trace twice.)"""
+    from keras_factorized.surgery import blockwise
     from keras_factorized.surgery import distillation
 
-    traced = {"train_step": 0, "test_step": 0}
+    traced = {"train_step": 0, "test_step": 0, "block train_step": 0}
 
-    def counting(name):
+    def counting(name, key):
         real = getattr(keras.Model, name)
 
         def step(self, *args, **kwargs):
-            traced[name] += 1
+            traced[key] += 1
             return real(self, *args, **kwargs)
 
         return step
 
-    for name in traced:
-        monkeypatch.setattr(distillation._Distiller, name, counting(name), raising=False)
+    for name in ("train_step", "test_step"):
+        monkeypatch.setattr(distillation._Distiller, name, counting(name, name), raising=False)
+    monkeypatch.setattr(blockwise._BlockRunner, "train_step",
+                        counting("train_step", "block train_step"), raising=False)
     calibration, data = _shifted_data(6)
-    config = DistillationConfig(data=data, epochs=2, batch_size=16)
+    config = DistillationConfig(data=data, epochs=2, block_epochs=1, batch_size=16)
     small = factorize(_linear_mlp(), rank=6, method="learned", calibration_data=calibration,
                       distillation=config)
     notes = " ".join(small.factorization_report.notes)
     assert "sequential refit on the calibration and distillation data held-out" in notes
-    assert "before and after each epoch" in notes
-    assert traced == {"train_step": 1, "test_step": 1}
+    assert "block-wise held-out loss" in notes and "before and after each epoch" in notes
+    assert traced == {"train_step": 1, "test_step": 1, "block train_step": 2}
 
 
 def test_calibration_data_joins_the_training_data():

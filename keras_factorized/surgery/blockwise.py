@@ -13,6 +13,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_factorized import _keras_compat
 from keras_factorized.surgery import blocks as blocks_lib
 from keras_factorized.surgery import walk
 from keras_factorized.surgery.calibration import batches
@@ -54,6 +55,7 @@ def _train_block(block, layers, student_calls, teacher_outputs, config, seed, pr
         runner = _BlockRunner(block, fixed, name="block_runner")
         steps = max(1, config.block_epochs * len(inputs))
         runner.compile(optimizer=_optimizer(config.learning_rate, steps), loss="mse")
+        _keras_compat.symbolic_build(runner, inputs[0], teacher_outputs[0])
         rng = np.random.default_rng(seed)
         losses = []
         for _ in range(config.block_epochs):

@@ -6,7 +6,7 @@ applies to the package as well as to `tests/`) leaves out the modules whose
 examples need the TensorFlow backend when another backend is selected, and
 gives every docstring example the same fresh Keras state as the tests get.
 On JAX it also shares compiled XLA programs between the tests of a run
-(`_share_jax_compilations`).
+(`pytest_configure`).
 """
 
 import os

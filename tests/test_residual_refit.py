@@ -94,6 +94,29 @@ def test_recorded_run_stops_once_its_layers_ran():
     np.testing.assert_array_equal(records[id(block.project)][0][0], whole[id(block.project)][0][0])
 
 
+def test_block_calls_with_stop_record_the_same_inputs_and_run_no_block():
+    # `stop=True` records what a whole run records for the first block, on
+    # every batch, and no block runs (its inputs need only the embeddings).
+    bert = tiny_bert(seed=0)
+    first = bert.get_layer("transformer_layer_0")
+    second = bert.get_layer("transformer_layer_1")
+    data = [bert_inputs(4, seed=1), bert_inputs(4, seed=2)]
+    whole = blocks.block_calls(bert, [first], data)[0]
+    with blocks.capture_calls([first._self_attention_layer, second]) as ran:
+        stopped = blocks.block_calls(bert, [first], data, stop=True)[0]
+    assert ran[id(first._self_attention_layer)] == [] and ran[id(second)] == []
+    assert len(stopped) == len(whole) == 2
+    for a, b in zip(stopped, whole):
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[2].keys() == b[2].keys()
+    # Two blocks: each run goes on to the second block's call.
+    both = blocks.block_calls(bert, [first, second], data, stop=True)
+    assert [len(calls) for calls in both] == [2, 2]
+    np.testing.assert_array_equal(
+        both[1][1][0], blocks.block_calls(bert, [second], data)[0][1][0]
+    )
+
+
 def test_residual_refit_at_the_exact_rank_reproduces_the_model():
     # Every projection of rank 3: the factors at rank 3 are exact, the
     # residual shifts are 0, and the refit must keep the model as it was

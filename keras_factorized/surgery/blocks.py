@@ -58,7 +58,9 @@ def capture_calls(layers, keep_outputs=False, stop_when_recorded=False):
         layers: the layers whose calls are recorded.
         keep_outputs: whether outputs are recorded too.
         stop_when_recorded: raise `_AllRecorded` as soon as each of `layers`
-            has been called once (`recorded_run`).
+            has been called as often as the one called last (once per run:
+            `recorded_run`, `block_calls(stop=True)`); without
+            `keep_outputs`, before that last call runs.
 
     Yields:
         A dict `id(layer) -> list` of `(inputs, args, kwargs, output)` per
@@ -74,19 +76,22 @@ def capture_calls(layers, keep_outputs=False, stop_when_recorded=False):
             last[:] = [x, to_numpy(x)]
         return last[1]
 
+    def all_recorded(layer) -> bool:
+        count = len(records[id(layer)])
+        return stop_when_recorded and all(len(r) >= count for r in records.values())
+
     def recorder(layer):
         def wrap(original_call):
             def call(inputs, *args, **kwargs):
+                record = (converted(inputs), _to_numpy_tree(args), _to_numpy_tree(kwargs))
+                if not keep_outputs:
+                    records[id(layer)].append(record + (None,))
+                    if all_recorded(layer):
+                        raise _AllRecorded
+                    return original_call(inputs, *args, **kwargs)
                 output = original_call(inputs, *args, **kwargs)
-                records[id(layer)].append(
-                    (
-                        converted(inputs),
-                        _to_numpy_tree(args),
-                        _to_numpy_tree(kwargs),
-                        to_numpy(output) if keep_outputs else None,
-                    )
-                )
-                if stop_when_recorded and all(records.values()):
+                records[id(layer)].append(record + (to_numpy(output),))
+                if all_recorded(layer):
                     raise _AllRecorded
                 return output
 
@@ -150,12 +155,20 @@ def recorded_run(block, record, layers):
     return records
 
 
-def block_calls(model, blocks, data_batches, keep_outputs=False):
+def block_calls(model, blocks, data_batches, keep_outputs=False, stop=False):
     """Per block, the recorded calls when `model` runs on `data_batches`
-    (one per batch: a block called several times per batch is not supported)."""
-    with capture_calls(blocks, keep_outputs) as records:
+    (one per batch: a block called several times per batch is not supported).
+
+    With `stop`, each run of `model` ends once every block has been called
+    (before the last one runs, without `keep_outputs`): the first block's
+    inputs need only the embeddings.
+    """
+    with capture_calls(blocks, keep_outputs, stop_when_recorded=stop) as records:
         for batch in data_batches:
-            model(batch, training=False)
+            try:
+                model(batch, training=False)
+            except _AllRecorded:
+                pass
     calls = [records[id(block)] for block in blocks]
     for block, recorded in zip(blocks, calls):
         if len(recorded) != len(data_batches):
@@ -183,4 +196,6 @@ def next_student_calls(new_model, paths, i, block, student_calls, teacher_calls,
             (to_numpy(run_block(block, call)),) + tuple(nxt[1:3]) + (None,)
             for call, nxt in zip(student_calls, teacher_calls[i + 1])
         ]
-    return block_calls(new_model, [walk.navigate(new_model, paths[i + 1])], data_batches)[0]
+    return block_calls(
+        new_model, [walk.navigate(new_model, paths[i + 1])], data_batches, stop=True
+    )[0]

@@ -84,7 +84,7 @@ def blockwise_distill(model, new_model, targets, data, config, verbose=0):
     teacher_blocks = [walk.navigate(model, p) for p in paths]
     teacher_calls = blocks_lib.block_calls(model, teacher_blocks, data_batches, True)
     student_calls = blocks_lib.block_calls(
-        new_model, [walk.navigate(new_model, paths[0])], data_batches
+        new_model, [walk.navigate(new_model, paths[0])], data_batches, stop=True
     )[0]
     progbar = keras.utils.Progbar(
         len(paths) * config.block_epochs * len(data_batches), verbose=verbose

